@@ -1,0 +1,35 @@
+"""flightcache: an Arrow Flight cache for handing datasets between pipeline stages."""
+
+from .client import Client, connect
+from .errors import (
+    DatasetExistsError,
+    DatasetNotFoundError,
+    FlightcacheError,
+    InvalidNameError,
+    InvalidRequestError,
+    MemoryFullError,
+    NotInstalledError,
+    PutAbortedError,
+    SchemaMismatchError,
+    ServerUnavailableError,
+    StorageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "DatasetExistsError",
+    "DatasetNotFoundError",
+    "FlightcacheError",
+    "InvalidNameError",
+    "InvalidRequestError",
+    "MemoryFullError",
+    "NotInstalledError",
+    "PutAbortedError",
+    "SchemaMismatchError",
+    "ServerUnavailableError",
+    "StorageError",
+    "__version__",
+    "connect",
+]

@@ -1,0 +1,265 @@
+"""The friendly Python API over plain Arrow Flight.
+
+    import flightcache
+    with flightcache.connect("grpc://127.0.0.1:8815") as fc:
+        fc.put("logs/raw", table)
+        df = fc.to_pandas("logs/raw", columns=["status"], filter="status >= 500")
+
+A ``Client`` pickles as its settings only and connects lazily, again after a fork, so it can be
+shipped to Spark or multiprocessing workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+
+from .errors import InvalidRequestError
+from .protocol import PutOptions, ReadRequest, error_from_flight
+from .store import DEFAULT_BATCH_ROWS, validate_name
+
+DEFAULT_URI = "grpc://127.0.0.1:8815"
+Progress = Callable[[int, int], None]  # (rows, bytes) just transferred
+
+
+def default_uri() -> str:
+    return os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI
+
+
+def connect(uri: str | None = None, **kwargs: Any) -> Client:
+    """A client for the server at ``uri`` (default: $FLIGHTCACHE_URI, else grpc://127.0.0.1:8815)."""
+    return Client(uri, **kwargs)
+
+
+class Client:
+    """Put, get, list, describe and drop datasets on a flightcache server."""
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        *,
+        timeout: float | None = None,
+        parallelism: int = 4,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+    ) -> None:
+        self.uri = uri or default_uri()
+        self.timeout = timeout
+        self.parallelism = max(1, parallelism)
+        self.batch_rows = batch_rows
+        self._conn: flight.FlightClient | None = None
+        self._pid = -1
+
+    # -- connection, pickling --------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "timeout": self.timeout, "parallelism": self.parallelism,
+                "batch_rows": self.batch_rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    @property
+    def flight(self) -> flight.FlightClient:
+        """The underlying ``pyarrow.flight.FlightClient`` (re-created after a fork)."""
+        if self._conn is None or self._pid != os.getpid():
+            try:
+                self._conn = flight.connect(self.uri)
+            except (pa.ArrowInvalid, ValueError) as e:
+                raise InvalidRequestError(f"invalid flightcache URI {self.uri!r}: {e}; use grpc://HOST:PORT") from e
+            self._pid = os.getpid()
+        return self._conn
+
+    def _options(self) -> flight.FlightCallOptions:
+        return flight.FlightCallOptions(timeout=self.timeout)
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.uri!r})"
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except flight.FlightError as e:
+            raise error_from_flight(e, self.uri) from None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put(self, name: str, data: Any, mode: str = "overwrite", *, progress: Progress | None = None) -> dict[str, Any]:
+        """Store ``data`` as dataset ``name``; returns {name, version, rows, bytes}.
+
+        ``data``: a pyarrow Table, RecordBatch or RecordBatchReader, a pandas or polars DataFrame,
+        or anything that exports the Arrow C stream interface. ``mode``: ``overwrite`` (default),
+        ``append`` (the schema must match) or ``create`` (fails if the name exists). The new version
+        becomes visible only once every row has arrived.
+        """
+        validate_name(name)
+        reader, rows = _as_reader(data, self.batch_rows)
+        options = PutOptions(mode=mode, expect_rows=rows)
+
+        def run() -> dict[str, Any]:
+            writer, results = self.flight.do_put(flight.FlightDescriptor.for_path(name), reader.schema, self._options())
+            with writer:
+                writer.write_metadata(options.to_bytes())
+                for batch in reader:
+                    writer.write_batch(batch)
+                    if progress is not None:
+                        progress(batch.num_rows, batch.nbytes)
+                writer.done_writing()
+                answer = results.read()
+            return json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
+
+        return self._call(run)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def flight_info(
+        self,
+        name: str,
+        columns: list[str] | None = None,
+        filter: str | pc.Expression | None = None,
+        version: int | None = None,
+    ) -> flight.FlightInfo:
+        """The FlightInfo (schema, rows, endpoints) of a read of ``name``."""
+        validate_name(name)
+        if columns is None and filter is None and version is None:
+            descriptor = flight.FlightDescriptor.for_path(name)
+        else:
+            request = ReadRequest(name, list(columns) if columns is not None else None, version=version)
+            if isinstance(filter, pc.Expression):
+                full = self._call(lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_path(name), self._options()))
+                if version is None:
+                    version = json.loads(full.endpoints[0].ticket.ticket)["version"]
+                encoded = base64.b64encode(filter.to_substrait(full.schema)).decode()
+                request = ReadRequest(name, request.columns, filter_substrait=encoded, version=version)
+            elif filter is not None:
+                request = ReadRequest(name, request.columns, filter=str(filter), version=version)
+            descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        return self._call(lambda: self.flight.get_flight_info(descriptor, self._options()))
+
+    def get(
+        self,
+        name: str,
+        columns: list[str] | None = None,
+        filter: str | pc.Expression | None = None,
+        *,
+        version: int | None = None,
+        progress: Progress | None = None,
+    ) -> pa.Table:
+        """Read dataset ``name`` as a pyarrow Table, fetching its endpoints in parallel.
+
+        ``columns`` projects; ``filter`` is a pyarrow compute expression or the string form
+        (``"status >= 500 and method == 'GET'"``, see ``flightcache.filters``), applied on the server.
+        """
+        info = self.flight_info(name, columns, filter, version)
+
+        def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
+            table = self._call(lambda: self.flight.do_get(endpoint.ticket, self._options()).read_all())
+            if progress is not None:
+                progress(table.num_rows, table.nbytes)
+            return table
+
+        endpoints = list(info.endpoints)
+        if len(endpoints) == 1:
+            tables = [fetch(endpoints[0])]
+        else:
+            with ThreadPoolExecutor(min(self.parallelism, len(endpoints))) as pool:
+                tables = list(pool.map(fetch, endpoints))
+        return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+    def stream(
+        self,
+        name: str,
+        columns: list[str] | None = None,
+        filter: str | pc.Expression | None = None,
+        *,
+        version: int | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Yield the record batches of a read one endpoint after another (bounded memory)."""
+        info = self.flight_info(name, columns, filter, version)
+        for endpoint in info.endpoints:
+            stream = self._call(lambda e=endpoint: self.flight.do_get(e.ticket, self._options()))
+            while True:
+                try:
+                    chunk = self._call(stream.read_chunk)
+                except StopIteration:
+                    break
+                if chunk.data is not None:
+                    yield chunk.data
+
+    def to_pandas(self, name: str, columns: list[str] | None = None, filter: str | pc.Expression | None = None,
+                  **kwargs: Any) -> Any:
+        """Read a dataset into a pandas DataFrame (keyword arguments go to ``Table.to_pandas``)."""
+        return self.get(name, columns, filter).to_pandas(**kwargs)
+
+    def to_polars(self, name: str, columns: list[str] | None = None, filter: str | pc.Expression | None = None) -> Any:
+        """Read a dataset into a polars DataFrame."""
+        import polars as pl
+
+        return pl.from_arrow(self.get(name, columns, filter))
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def _action(self, kind: str, body: dict[str, Any] | None = None) -> Any:
+        payload = json.dumps(body).encode() if body is not None else b""
+
+        def run() -> Any:
+            results = list(self.flight.do_action(flight.Action(kind, payload), self._options()))
+            return json.loads(results[0].body.to_pybytes()) if results else None
+
+        return self._call(run)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every dataset's info (name, version, rows, bytes, schema, times)."""
+        return self._action("list")
+
+    def info(self, name: str) -> dict[str, Any]:
+        """One dataset's schema, rows, bytes, version, created and last-read times."""
+        return self._action("info", {"name": validate_name(name)})
+
+    def drop(self, name: str) -> dict[str, Any]:
+        """Remove a dataset from the cache."""
+        return self._action("drop", {"name": validate_name(name)})
+
+    def stats(self) -> dict[str, Any]:
+        """Server figures: memory used and limit, datasets, request counters."""
+        return self._action("stats")
+
+
+def _as_reader(data: Any, batch_rows: int) -> tuple[pa.RecordBatchReader, int | None]:
+    """A reader of well-sized batches over ``data``, and its row count when known up front."""
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if not isinstance(data, (pa.Table, pa.RecordBatchReader)):
+        module = type(data).__module__.split(".")[0]
+        if module == "pandas":
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        elif module == "polars":
+            data = data.to_arrow()
+        elif hasattr(data, "__arrow_c_stream__"):
+            data = pa.RecordBatchReader.from_stream(data)
+        else:
+            raise InvalidRequestError(
+                f"cannot put a {type(data).__name__}: give a pyarrow Table, RecordBatch or "
+                "RecordBatchReader, or a pandas or polars DataFrame"
+            )
+    if isinstance(data, pa.Table):
+        return data.to_reader(max_chunksize=batch_rows), data.num_rows
+    return data, None

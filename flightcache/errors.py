@@ -1,0 +1,96 @@
+"""The one exception hierarchy of flightcache.
+
+    FlightcacheError
+    ├── DatasetNotFoundError      no dataset (or no such version) by that name
+    ├── DatasetExistsError        put mode "create" on a name that exists
+    ├── SchemaMismatchError       append with a schema unlike the current one
+    ├── InvalidNameError          a dataset name outside the documented grammar
+    ├── InvalidRequestError       malformed ticket, descriptor, action body or option
+    ├── MemoryFullError           the memory limit leaves no room and nothing can be freed
+    ├── StorageError              the storage tier failed (URI and cause in the message)
+    ├── PutAbortedError           a put stream ended abnormally; nothing was published
+    ├── ServerUnavailableError    the server cannot be reached
+    └── NotInstalledError         an optional extra is missing
+
+Each class has a stable ``code``. The server sends it with every error so the client raises the
+same class again (see ``protocol.error_to_flight`` and ``protocol.error_from_flight``).
+"""
+
+from __future__ import annotations
+
+
+class FlightcacheError(Exception):
+    """Root of every error flightcache raises on purpose."""
+
+    code = "INTERNAL"
+
+
+class DatasetNotFoundError(FlightcacheError, KeyError):
+    code = "DATASET_NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DatasetExistsError(FlightcacheError):
+    code = "DATASET_EXISTS"
+
+
+class SchemaMismatchError(FlightcacheError, ValueError):
+    code = "SCHEMA_MISMATCH"
+
+
+class InvalidNameError(FlightcacheError, ValueError):
+    code = "INVALID_NAME"
+
+
+class InvalidRequestError(FlightcacheError, ValueError):
+    code = "INVALID_REQUEST"
+
+
+class MemoryFullError(FlightcacheError, MemoryError):
+    code = "MEMORY_FULL"
+
+
+class StorageError(FlightcacheError, OSError):
+    code = "STORAGE_ERROR"
+
+
+class PutAbortedError(FlightcacheError):
+    code = "PUT_ABORTED"
+
+
+class ServerUnavailableError(FlightcacheError, ConnectionError):
+    code = "UNAVAILABLE"
+
+
+class NotInstalledError(FlightcacheError, ImportError):
+    code = "NOT_INSTALLED"
+
+
+ERRORS_BY_CODE: dict[str, type[FlightcacheError]] = {
+    cls.code: cls
+    for cls in (
+        FlightcacheError,
+        DatasetNotFoundError,
+        DatasetExistsError,
+        SchemaMismatchError,
+        InvalidNameError,
+        InvalidRequestError,
+        MemoryFullError,
+        StorageError,
+        PutAbortedError,
+        ServerUnavailableError,
+        NotInstalledError,
+    )
+}
+
+
+def require(module: str, extra: str) -> None:
+    """Raise NotInstalledError naming the pip extra when an optional module is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise NotInstalledError(
+            f"{module} is not installed; install it with: pip install 'flightcache[{extra}]'"
+        )

@@ -1,0 +1,217 @@
+"""Everything that crosses the wire, shared by server and client.
+
+Datasets are ``FlightDescriptor.for_path(name)``. Requests that need more than a name travel as
+small JSON objects with a version field ``"v": 1``:
+
+* a read command, ``FlightDescriptor.for_command(ReadRequest(...).to_bytes())``, asks
+  ``get_flight_info`` for a projected / filtered / pinned-version read;
+* a ticket (``Ticket``) names one endpoint: a dataset version and a range of its batches;
+* put options (``PutOptions``) travel either as a command descriptor
+  (``{"v": 1, "name": ..., "mode": ...}``) or as the ``app_metadata`` of the first message of a
+  ``do_put`` stream on a path descriptor;
+* action bodies are JSON objects (``{"name": "..."}``) or, for one-name actions, the bare name.
+
+Every decoder treats its bytes as hostile: size-limited, strict JSON, known keys and types only.
+Errors travel as Flight error classes whose ``extra_info`` is ``{"code": ...}`` (see ``errors``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import pyarrow.flight as flight
+
+from .errors import ERRORS_BY_CODE, FlightcacheError, InvalidRequestError, ServerUnavailableError
+
+WIRE_VERSION = 1
+MAX_REQUEST_BYTES = 64 * 1024
+
+ACTIONS: dict[str, str] = {
+    "drop": 'Drop a dataset and free its memory. Body: {"name": NAME} or the bare name.',
+    "info": 'Describe a dataset: schema, rows, bytes, version, times. Body: {"name": NAME} or the bare name.',
+    "list": "List every dataset with its info. Body: empty.",
+    "stats": "Server figures: memory used and limit, dataset count, request counters. Body: empty.",
+}
+
+
+def _decode(raw: bytes, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise InvalidRequestError(f"{what} is {len(raw)} bytes, more than the {MAX_REQUEST_BYTES} allowed")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidRequestError(f"{what} is not valid UTF-8 JSON ({e}); see the README's wire protocol") from e
+    if not isinstance(obj, dict):
+        raise InvalidRequestError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    v = obj.pop("v", WIRE_VERSION)
+    if v != WIRE_VERSION:
+        raise InvalidRequestError(f"{what} has wire version {v!r}; this server speaks version {WIRE_VERSION}")
+    return obj
+
+
+class _Message:
+    """Strict JSON (de)serialisation for the frozen dataclasses below."""
+
+    _types: ClassVar[dict[str, tuple[type, ...]]] = {}
+    _what: ClassVar[str] = "message"
+
+    def to_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]
+        return json.dumps({"v": WIRE_VERSION, **body}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Any:
+        obj = _decode(raw, cls._what)
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise InvalidRequestError(f"{cls._what} has unknown field(s) {unknown}; known: {sorted(known)}")
+        for key, value in obj.items():
+            if value is not None and not isinstance(value, cls._types[key]) or isinstance(value, bool) and bool not in cls._types[key]:
+                raise InvalidRequestError(f"{cls._what} field {key!r} has the wrong type: {value!r}")
+        if "columns" in obj and obj["columns"] is not None:
+            if not all(isinstance(c, str) for c in obj["columns"]):
+                raise InvalidRequestError(f"{cls._what} field 'columns' must be a list of strings")
+        try:
+            return cls(**obj)
+        except TypeError as e:  # a required field is missing
+            raise InvalidRequestError(f"{cls._what} is incomplete: {e}") from e
+
+
+@dataclass(frozen=True)
+class ReadRequest(_Message):
+    """A read of a dataset: optional projection, filter (string form or Substrait) and version."""
+
+    name: str
+    columns: list[str] | None = None
+    filter: str | None = None
+    filter_substrait: str | None = None  # base64 of a Substrait ExtendedExpression
+    version: int | None = None
+
+    _types = {"name": (str,), "columns": (list,), "filter": (str,), "filter_substrait": (str,), "version": (int,)}
+    _what = "read request"
+
+    def substrait_bytes(self) -> bytes | None:
+        if self.filter_substrait is None:
+            return None
+        try:
+            return base64.b64decode(self.filter_substrait, validate=True)
+        except ValueError as e:
+            raise InvalidRequestError(f"filter_substrait of {self.name!r} is not valid base64") from e
+
+
+@dataclass(frozen=True)
+class Ticket(_Message):
+    """One endpoint: batches [start, end) of one version of a dataset, with the read's options."""
+
+    name: str
+    version: int
+    start: int
+    end: int
+    columns: list[str] | None = None
+    filter: str | None = None
+    filter_substrait: str | None = None
+
+    _types = {"name": (str,), "version": (int,), "start": (int,), "end": (int,), "columns": (list,),
+              "filter": (str,), "filter_substrait": (str,)}
+    _what = "ticket"
+
+    def read_request(self) -> ReadRequest:
+        return ReadRequest(self.name, self.columns, self.filter, self.filter_substrait, self.version)
+
+
+@dataclass(frozen=True)
+class PutOptions(_Message):
+    """How a put publishes: mode, and the row count the client promises (checked if given)."""
+
+    name: str | None = None
+    mode: str = "overwrite"
+    expect_rows: int | None = None
+
+    _types = {"name": (str,), "mode": (str,), "expect_rows": (int,)}
+    _what = "put options"
+
+
+def action_name(body: bytes, action: str) -> str:
+    """The dataset name in an action body: ``{"name": ...}`` or the bare UTF-8 name."""
+    if body[:1] == b"{":
+        obj = _decode(body, f"body of action {action!r}")
+        name = obj.get("name")
+        if not isinstance(name, str) or set(obj) - {"name"}:
+            raise InvalidRequestError(f'action {action!r} takes {{"name": "DATASET"}}, got {sorted(obj)}')
+        return name
+    if len(body) > MAX_REQUEST_BYTES:
+        raise InvalidRequestError(f"body of action {action!r} is too large")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"body of action {action!r} is neither JSON nor a UTF-8 dataset name") from e
+
+
+def descriptor_name(descriptor: flight.FlightDescriptor) -> tuple[str, bytes | None]:
+    """(name, command) of a descriptor: a one-element path, or a JSON command carrying a name."""
+    if descriptor.descriptor_type == flight.DescriptorType.PATH:
+        path = descriptor.path or []
+        if len(path) != 1:
+            raise InvalidRequestError(
+                f"a dataset descriptor has exactly one path element (the dataset name, e.g. "
+                f"FlightDescriptor.for_path('logs/raw')), got {len(path)}"
+            )
+        try:
+            return path[0].decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError("the dataset name in the descriptor is not UTF-8") from e
+    command = descriptor.command or b""
+    obj = _decode(command, "descriptor command")
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise InvalidRequestError('a command descriptor must be a JSON object with a "name" string')
+    return name, command
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+_FLIGHT_CLASS: dict[str, type[flight.FlightError]] = {
+    "UNAVAILABLE": flight.FlightUnavailableError,
+    "PUT_ABORTED": flight.FlightCancelledError,
+    "INTERNAL": flight.FlightInternalError,
+}
+
+
+def error_to_flight(exc: FlightcacheError) -> flight.FlightError:
+    """The Flight error a client receives for ``exc``: clean message, stable code in extra_info."""
+    cls = _FLIGHT_CLASS.get(exc.code, flight.FlightServerError)
+    return cls(f"[{exc.code}] {exc}", extra_info=json.dumps({"code": exc.code}).encode())
+
+
+def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
+    """Map a Flight error back to the flightcache exception the server raised, where there is one."""
+    code = None
+    extra = getattr(exc, "extra_info", None)
+    if extra:
+        try:
+            code = json.loads(extra).get("code")
+        except (ValueError, AttributeError):
+            code = None
+    message = _clean_message(str(exc))
+    if code in ERRORS_BY_CODE:
+        prefix = f"[{code}] "
+        return ERRORS_BY_CODE[code](message[len(prefix):] if message.startswith(prefix) else message)
+    if isinstance(exc, flight.FlightUnavailableError):
+        return ServerUnavailableError(
+            f"cannot reach the flightcache server at {uri or 'the given URI'} ({message}); "
+            "is it running? start one with 'flightcache serve'"
+        )
+    return exc
+
+
+def _clean_message(message: str) -> str:
+    """Drop the transport's suffixes ('. Detail: Failed', gRPC client context) from a message."""
+    for marker in (". Detail: ", ". gRPC client debug context: ", ". Client context: "):
+        cut = message.find(marker)
+        if cut != -1:
+            message = message[:cut]
+    return message

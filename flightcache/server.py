@@ -1,0 +1,241 @@
+"""Flight handlers: decode the request, call the store, encode the answer, translate errors once.
+
+A put streams into a ``StagedPut`` and becomes visible only when the stream ended cleanly: a
+client that disconnects mid-stream looks to ``reader`` like a normal end of stream, so the call
+context's ``is_cancelled()`` is checked before anything is published.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+
+from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
+from .filters import parse_filter
+from .protocol import (
+    ACTIONS,
+    PutOptions,
+    ReadRequest,
+    Ticket,
+    action_name,
+    descriptor_name,
+    error_to_flight,
+)
+from .store import Store, Version
+
+log = logging.getLogger("flightcache.server")
+
+DEFAULT_ENDPOINT_BYTES = 128 * 1024 * 1024
+DEFAULT_MAX_ENDPOINTS = 64
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translated(fn: F) -> F:
+    """Run a handler; turn every exception into the Flight error a client should see."""
+
+    @functools.wraps(fn)
+    def wrapper(self: FlightcacheServer, context: flight.ServerCallContext, *args: Any) -> Any:
+        try:
+            return fn(self, context, *args)
+        except FlightcacheError as e:
+            log.info("%s refused: %s", fn.__name__, e)
+            raise error_to_flight(e) from None
+        except flight.FlightError:
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            raise flight.FlightInternalError(
+                f"[INTERNAL] internal server error in {fn.__name__} ({type(e).__name__}: {e}); "
+                "see the server log",
+                extra_info=b'{"code":"INTERNAL"}',
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FlightcacheServer(flight.FlightServerBase):
+    """The Flight face of a ``Store``. ``location`` like ``grpc://127.0.0.1:8815`` (port 0: any)."""
+
+    def __init__(
+        self,
+        location: str = "grpc://127.0.0.1:8815",
+        *,
+        store: Store | None = None,
+        memory_limit: int | None = None,
+        endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
+        max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(location, **kwargs)
+        self.store = store if store is not None else Store(memory_limit)
+        self.endpoint_bytes = endpoint_bytes
+        self.max_endpoints = max_endpoints
+        self._counters_lock = threading.Lock()
+        self._counters: dict[str, int] = {
+            "gets": 0, "puts": 0, "puts_aborted": 0, "bytes_served": 0, "bytes_received": 0,
+        }
+        self.started = time.time()
+
+    def _count(self, **amounts: int) -> None:
+        with self._counters_lock:
+            for key, n in amounts.items():
+                self._counters[key] += n
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @_translated
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
+        infos = []
+        for info in self.store.list():
+            version = self.store.get(info.name)
+            infos.append(self._flight_info(version, ReadRequest(info.name), flight.FlightDescriptor.for_path(info.name)))
+        return infos
+
+    @_translated
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        name, command = descriptor_name(descriptor)
+        request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
+        version = self.store.get(request.name, request.version)
+        # Fail now, not in do_get, on unknown columns or a filter that does not bind.
+        self.store.scan(version, columns=request.columns, filter=_filter(request), batch_range=(0, 0))
+        return self._flight_info(version, request, descriptor)
+
+    def _flight_info(self, version: Version, request: ReadRequest, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        schema = version.schema
+        if request.columns is not None:
+            schema = pa.schema([schema.field(c) for c in request.columns], metadata=schema.metadata)
+        exact = request.filter is None and request.filter_substrait is None
+        endpoints = [
+            flight.FlightEndpoint(
+                Ticket(version.name, version.number, start, end, request.columns, request.filter,
+                       request.filter_substrait).to_bytes(),
+                [],  # no location: read it from this same server
+            )
+            for start, end in version.batch_ranges(self.endpoint_bytes, self.max_endpoints)
+        ]
+        rows = version.num_rows if exact else -1
+        nbytes = version.nbytes if exact and request.columns is None else -1
+        return flight.FlightInfo(schema, descriptor, endpoints, rows, nbytes)
+
+    @_translated
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        t = Ticket.from_bytes(ticket.ticket)
+        version = self.store.get(t.name, t.version)
+        request = t.read_request()
+        reader = self.store.scan(
+            version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end)
+        )
+        if request.filter is None and request.filter_substrait is None:
+            self._count(gets=1, bytes_served=sum(b.nbytes for b in version.batches[t.start:t.end]))
+        else:
+            self._count(gets=1)
+        return flight.RecordBatchStream(reader)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    @_translated
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        name, command = descriptor_name(descriptor)
+        options = PutOptions.from_bytes(command) if command else None
+        first = _next_chunk(reader)
+        if options is None:
+            meta = first.app_metadata if first is not None else None
+            options = PutOptions.from_bytes(meta.to_pybytes()) if meta is not None and meta.size else PutOptions()
+        if options.name is not None and options.name != name:
+            raise InvalidRequestError(f"put options name {options.name!r} differs from the descriptor's {name!r}")
+        started = time.perf_counter()
+        staged = self.store.begin_put(name, reader.schema, options.mode)
+        rows = 0
+        try:
+            chunk = first
+            while chunk is not None:
+                if chunk.data is not None:
+                    staged.add(chunk.data)
+                    rows += chunk.data.num_rows
+                chunk = _next_chunk(reader)
+            if context.is_cancelled():
+                raise PutAbortedError(
+                    f"put of dataset {name!r} was cancelled by the client after {rows} rows; "
+                    "nothing was published"
+                )
+            if options.expect_rows is not None and options.expect_rows != rows:
+                raise PutAbortedError(
+                    f"put of dataset {name!r} ended after {rows} of the {options.expect_rows} rows "
+                    "the client announced; nothing was published, send it again"
+                )
+            version = staged.publish()
+        except BaseException:
+            staged.abort()
+            self._count(puts_aborted=1)
+            raise
+        self._count(puts=1, bytes_received=staged.nbytes)
+        log.info("put %s v%d (%s): %d rows, %d bytes in %.3fs", name, version.number, options.mode,
+                 version.num_rows, version.nbytes, time.perf_counter() - started)
+        result = {"name": name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
+        writer.write(pa.py_buffer(json.dumps(result).encode()))
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return list(ACTIONS.items())
+
+    @_translated
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+        body = action.body.to_pybytes() if action.body is not None else b""
+        kind = action.type
+        if kind == "drop":
+            version = self.store.drop(action_name(body, kind))
+            log.info("dropped %s (version %d, %d bytes)", version.name, version.number, version.nbytes)
+            result: Any = {"name": version.name, "version": version.number, "bytes": version.nbytes}
+        elif kind == "info":
+            result = self.store.info(action_name(body, kind)).to_dict()
+        elif kind == "list":
+            result = [i.to_dict() for i in self.store.list()]
+        elif kind == "stats":
+            result = self.stats()
+        else:
+            raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
+        return [json.dumps(result).encode()]
+
+    def stats(self) -> dict[str, Any]:
+        with self._counters_lock:
+            counters = dict(self._counters)
+        return {**self.store.stats(), **counters, "uptime_s": round(time.time() - self.started, 3)}
+
+
+def _next_chunk(reader: flight.MetadataRecordBatchReader) -> flight.FlightStreamChunk | None:
+    try:
+        return reader.read_chunk()
+    except StopIteration:
+        return None
+
+
+def _filter(request: ReadRequest) -> pc.Expression | None:
+    if request.filter is not None and request.filter_substrait is not None:
+        raise InvalidRequestError("give either filter or filter_substrait, not both")
+    if request.filter is not None:
+        return parse_filter(request.filter)
+    raw = request.substrait_bytes()
+    if raw is None:
+        return None
+    try:
+        bound = pc.Expression.from_substrait(raw)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        raise InvalidRequestError(f"filter_substrait of dataset {request.name!r} is not a valid expression: {e}") from e
+    return bound  # bound by field index to the version's full schema; Store.scan checks it

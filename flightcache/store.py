@@ -1,0 +1,532 @@
+"""The in-memory catalog: named, versioned, immutable Arrow tables.
+
+Pure Python and pyarrow: no I/O, no Flight. Every public method is thread-safe. Heavy work (slicing,
+coalescing, scanning) happens outside the catalog lock; the lock only guards the small dictionaries.
+
+Memory is accounted in Arrow buffer bytes. A buffer shared by two versions (an append keeps the old
+batches) or by two datasets is counted once, by address, through a reference count.
+
+A version that is replaced stays readable for ``retain_seconds`` so that a reader holding a ticket
+for version N can finish it while N+1 is published (snapshot reads). Retained versions count
+against the memory limit and are the first thing released when room is needed.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from .errors import (
+    DatasetExistsError,
+    DatasetNotFoundError,
+    InvalidNameError,
+    InvalidRequestError,
+    MemoryFullError,
+    SchemaMismatchError,
+)
+
+PUT_MODES = ("overwrite", "append", "create")
+DEFAULT_BATCH_ROWS = 64 * 1024
+MAX_NAME_LENGTH = 200
+_SEGMENT = r"[a-z0-9_][a-z0-9_.\-]*"
+_NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
+NAME_GRAMMAR = (
+    "lowercase letters, digits, '_', '.' and '-', with '/' between namespace segments; "
+    "each segment starts with a letter, digit or '_'; at most 200 characters "
+    "(for example 'logs/2026-11-24/parsed')"
+)
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it follows the dataset-name grammar, else raise InvalidNameError."""
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError(f"dataset name must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+        raise InvalidNameError(f"invalid dataset name {name!r}: use {NAME_GRAMMAR}")
+    return name
+
+
+def buffer_sizes(batches: Iterable[pa.RecordBatch]) -> dict[int, int]:
+    """The distinct Arrow buffers behind ``batches``, as {address: size}."""
+    sizes: dict[int, int] = {}
+
+    def visit(arr: pa.Array) -> None:
+        for buf in arr.buffers():  # includes the buffers of child arrays
+            if buf is not None:
+                sizes[buf.address] = max(buf.size, sizes.get(buf.address, 0))
+        if isinstance(arr, pa.DictionaryArray):
+            visit(arr.dictionary)
+        elif _has_dictionary(arr.type):
+            for child in _children(arr):
+                visit_dictionaries(child)
+
+    def visit_dictionaries(arr: pa.Array) -> None:
+        if isinstance(arr, pa.DictionaryArray):
+            visit(arr.dictionary)
+        elif _has_dictionary(arr.type):
+            for child in _children(arr):
+                visit_dictionaries(child)
+
+    for batch in batches:
+        for column in batch.columns:
+            visit(column)
+    return sizes
+
+
+def _has_dictionary(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return True
+    return any(_has_dictionary(t.field(i).type) for i in range(t.num_fields))
+
+
+def _children(arr: pa.Array) -> list[pa.Array]:
+    if isinstance(arr, (pa.StructArray, pa.UnionArray)):
+        return [arr.field(i) for i in range(arr.type.num_fields)]
+    if hasattr(arr, "values"):  # list, large list, fixed-size list, map, list view
+        return [arr.values]
+    return []
+
+
+@dataclass(frozen=True)
+class Version:
+    """One immutable version of a dataset."""
+
+    name: str
+    number: int
+    schema: pa.Schema
+    batches: tuple[pa.RecordBatch, ...]
+    num_rows: int
+    nbytes: int
+    created: float
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_batches(self.batches, self.schema)
+
+    def batch_ranges(self, max_bytes: int, max_ranges: int) -> list[tuple[int, int]]:
+        """Split the batches into contiguous [start, end) ranges of about ``max_bytes`` each."""
+        n = len(self.batches)
+        if n == 0:
+            return [(0, 0)]
+        wanted = max(1, min(max_ranges, n, -(-self.nbytes // max(1, max_bytes))))
+        bounds = [round(i * n / wanted) for i in range(wanted + 1)]
+        return [(bounds[i], bounds[i + 1]) for i in range(wanted)]
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    version: int
+    schema: pa.Schema
+    num_rows: int
+    nbytes: int
+    num_batches: int
+    created: float
+    last_read: float | None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "rows": self.num_rows,
+            "bytes": self.nbytes,
+            "batches": self.num_batches,
+            "created": self.created,
+            "last_read": self.last_read,
+            "schema": self.schema.to_string(show_schema_metadata=False),
+        }
+
+
+@dataclass
+class _Entry:
+    current: Version
+    last_read: float | None = None
+
+
+@dataclass
+class _Retained:
+    version: Version
+    until: float
+
+
+class Store:
+    """A thread-safe catalog of named, versioned Arrow tables with a memory limit."""
+
+    def __init__(
+        self,
+        memory_limit: int | None = None,
+        *,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        retain_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be at least 1")
+        self.memory_limit = memory_limit
+        self.batch_rows = batch_rows
+        self.retain_seconds = retain_seconds
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._retained: list[_Retained] = []
+        self._refs: dict[int, list[int]] = {}  # address -> [size, count]
+        self._used = 0  # bytes of buffers held by published and retained versions
+        self._staged = 0  # bytes of puts in progress
+        self._next_version: dict[str, int] = {}
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin_put(self, name: str, schema: pa.Schema, mode: str = "overwrite") -> StagedPut:
+        """Start a put. Checks name, mode and (for append) schema before any data arrives."""
+        validate_name(name)
+        if mode not in PUT_MODES:
+            raise InvalidRequestError(
+                f"unknown put mode {mode!r} for dataset {name!r}: use one of {', '.join(PUT_MODES)}"
+            )
+        with self._lock:
+            self._check_mode(name, schema, mode)
+        return StagedPut(self, name, schema, mode)
+
+    def put(self, name: str, data: pa.Table | pa.RecordBatchReader, mode: str = "overwrite") -> Version:
+        """Put a whole table or stream in one call."""
+        staged = self.begin_put(name, data.schema, mode)
+        try:
+            batches = data.to_batches() if isinstance(data, pa.Table) else data
+            for batch in batches:
+                staged.add(batch)
+            return staged.publish()
+        except BaseException:
+            staged.abort()
+            raise
+
+    def _check_mode(self, name: str, schema: pa.Schema, mode: str) -> None:
+        entry = self._entries.get(name)
+        if mode == "create" and entry is not None:
+            raise DatasetExistsError(
+                f"dataset {name!r} already exists (version {entry.current.number}); "
+                "use mode 'overwrite' to replace it or 'append' to add rows"
+            )
+        if mode == "append" and entry is not None and not entry.current.schema.equals(schema):
+            raise SchemaMismatchError(
+                f"cannot append to dataset {name!r}: the schema differs from the current one "
+                f"(version {entry.current.number}).\n"
+                f"current schema:\n{_show(entry.current.schema)}\n"
+                f"appended schema:\n{_show(schema)}\n"
+                "cast the data to the current schema, or use mode 'overwrite' to replace it"
+            )
+
+    def _publish(self, staged: StagedPut) -> Version:
+        with self._lock:
+            self._expire_retained()
+            self._check_mode(staged.name, staged.schema, staged.mode)
+            entry = self._entries.get(staged.name)
+            batches = tuple(staged.batches)
+            if staged.mode == "append" and entry is not None:
+                batches = entry.current.batches + batches
+            number = self._next_version.get(staged.name, 1)
+            sizes = buffer_sizes(batches)
+            version = Version(
+                name=staged.name,
+                number=number,
+                schema=staged.schema,
+                batches=batches,
+                num_rows=sum(b.num_rows for b in batches),
+                nbytes=sum(sizes.values()),
+                created=self._clock(),
+            )
+            self._acquire(sizes)
+            self._staged -= staged.nbytes
+            self._next_version[staged.name] = number + 1
+            if entry is None:
+                self._entries[staged.name] = _Entry(version)
+            else:
+                self._retire(entry.current)
+                entry.current = version
+            return version
+
+    def _reserve(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            if self.memory_limit is None:
+                self._staged += nbytes
+                return
+            if self._used + self._staged + nbytes > self.memory_limit:
+                self._release_retained(everything=True)
+            if self._used + self._staged + nbytes > self.memory_limit:
+                raise MemoryFullError(self._full_message(name, nbytes))
+            self._staged += nbytes
+
+    def _unreserve(self, nbytes: int) -> None:
+        with self._lock:
+            self._staged -= nbytes
+
+    def _full_message(self, name: str, nbytes: int) -> str:
+        largest = sorted(self._entries.values(), key=lambda e: -e.current.nbytes)[:3]
+        holders = ", ".join(f"{e.current.name} ({format_bytes(e.current.nbytes)})" for e in largest)
+        return (
+            f"memory full: putting dataset {name!r} needs {format_bytes(nbytes)} more, but "
+            f"{format_bytes(self._used + self._staged)} of the {format_bytes(self.memory_limit or 0)} "
+            f"limit is in use (largest datasets: {holders or 'none'}; puts in progress: "
+            f"{format_bytes(self._staged)}). Drop datasets you no longer need or start the server "
+            "with a larger --memory-limit"
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, name: str, version: int | None = None) -> Version:
+        """The current version of ``name`` (or the given version while it is retained)."""
+        validate_name(name)
+        with self._lock:
+            self._expire_retained()
+            entry = self._entries.get(name)
+            if entry is None:
+                raise DatasetNotFoundError(
+                    f"dataset {name!r} not found; list datasets with 'flightcache ls' "
+                    "or put it first"
+                )
+            entry.last_read = self._clock()
+            if version is None or version == entry.current.number:
+                return entry.current
+            for r in self._retained:
+                if r.version.name == name and r.version.number == version:
+                    return r.version
+            raise DatasetNotFoundError(
+                f"version {version} of dataset {name!r} is no longer held (the current version "
+                f"is {entry.current.number}); fetch the flight info again to read the current one"
+            )
+
+    def scan(
+        self,
+        version: Version,
+        *,
+        columns: list[str] | None = None,
+        filter: pc.Expression | None = None,
+        batch_range: tuple[int, int] | None = None,
+    ) -> pa.RecordBatchReader:
+        """Stream (part of) a version, optionally projected and filtered, without copying."""
+        start, end = batch_range or (0, len(version.batches))
+        if not 0 <= start <= end <= len(version.batches):
+            raise InvalidRequestError(
+                f"batch range [{start}, {end}) is outside version {version.number} of dataset "
+                f"{version.name!r}, which has {len(version.batches)} batches"
+            )
+        batches = version.batches[start:end]
+        if columns is not None:
+            missing = [c for c in columns if c not in version.schema.names]
+            if missing:
+                raise InvalidRequestError(
+                    f"dataset {version.name!r} has no column(s) {missing}; "
+                    f"its columns are {version.schema.names}"
+                )
+        if filter is None:
+            table = pa.Table.from_batches(batches, version.schema)
+            return (table if columns is None else table.select(columns)).to_reader()
+        dataset = ds.dataset(list(batches), schema=version.schema)
+        try:
+            scanner = dataset.scanner(columns=columns, filter=filter, batch_size=self.batch_rows)
+            return scanner.to_reader()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise InvalidRequestError(f"cannot apply filter {filter} to dataset {version.name!r}: {e}") from e
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def list(self) -> list[DatasetInfo]:
+        with self._lock:
+            return [self._info(e) for _, e in sorted(self._entries.items())]
+
+    def info(self, name: str) -> DatasetInfo:
+        validate_name(name)
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise DatasetNotFoundError(f"dataset {name!r} not found; list datasets with 'flightcache ls'")
+            return self._info(entry)
+
+    def drop(self, name: str) -> Version:
+        """Remove a dataset and free its memory (open streams keep what they already hold)."""
+        validate_name(name)
+        with self._lock:
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                raise DatasetNotFoundError(f"cannot drop dataset {name!r}: not found")
+            self._release(entry.current)
+            keep = []
+            for r in self._retained:
+                if r.version.name == name:
+                    self._release(r.version)
+                else:
+                    keep.append(r)
+            self._retained = keep
+            return entry.current
+
+    def stats(self) -> dict:
+        with self._lock:
+            self._expire_retained()
+            return {
+                "datasets": len(self._entries),
+                "memory_used": self._used,
+                "memory_staged": self._staged,
+                "memory_limit": self.memory_limit,
+                "dataset_bytes": sum(e.current.nbytes for e in self._entries.values()),
+                "retained_versions": len(self._retained),
+            }
+
+    @property
+    def memory_used(self) -> int:
+        """Bytes of distinct buffers held by published and retained versions."""
+        with self._lock:
+            return self._used
+
+    def _info(self, entry: _Entry) -> DatasetInfo:
+        v = entry.current
+        return DatasetInfo(v.name, v.number, v.schema, v.num_rows, v.nbytes, len(v.batches), v.created, entry.last_read)
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def _acquire(self, sizes: dict[int, int]) -> None:
+        for address, size in sizes.items():
+            ref = self._refs.get(address)
+            if ref is None:
+                self._refs[address] = [size, 1]
+                self._used += size
+            else:
+                ref[1] += 1
+
+    def _release(self, version: Version) -> None:
+        for address in buffer_sizes(version.batches):
+            ref = self._refs[address]
+            ref[1] -= 1
+            if ref[1] == 0:
+                del self._refs[address]
+                self._used -= ref[0]
+
+    def _retire(self, version: Version) -> None:
+        if self.retain_seconds > 0:
+            self._retained.append(_Retained(version, self._clock() + self.retain_seconds))
+        else:
+            self._release(version)
+
+    def _expire_retained(self) -> None:
+        self._release_retained(everything=False)
+
+    def _release_retained(self, everything: bool) -> None:
+        now = self._clock()
+        keep = []
+        for r in self._retained:
+            if everything or r.until <= now:
+                self._release(r.version)
+            else:
+                keep.append(r)
+        self._retained = keep
+
+
+@dataclass
+class StagedPut:
+    """A put in progress: batches are held privately until ``publish``; ``abort`` drops them."""
+
+    store: Store
+    name: str
+    schema: pa.Schema
+    mode: str
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    nbytes: int = 0
+    num_rows: int = 0
+    _pending: list[pa.RecordBatch] = field(default_factory=list)
+    _pending_rows: int = 0
+    _seen: set[int] = field(default_factory=set)
+    _done: bool = False
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Add one batch: large ones are sliced (no copy), runs of small ones coalesced."""
+        if self._done:
+            raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
+        if not batch.schema.equals(self.schema):
+            raise SchemaMismatchError(
+                f"a batch put to dataset {self.name!r} does not match the stream's schema.\n"
+                f"stream schema:\n{_show(self.schema)}\nbatch schema:\n{_show(batch.schema)}"
+            )
+        rows = self.store.batch_rows
+        if batch.num_rows >= rows // 4:
+            self._flush_pending()
+            if batch.num_rows <= rows:
+                self._keep(batch)
+            else:
+                for offset in range(0, batch.num_rows, rows):
+                    self._keep(batch.slice(offset, rows))
+        elif batch.num_rows > 0:
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+            if self._pending_rows >= rows:
+                self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        merged = pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+        self._keep(merged)
+
+    def _keep(self, batch: pa.RecordBatch) -> None:
+        new = {a: s for a, s in buffer_sizes([batch]).items() if a not in self._seen}
+        added = sum(new.values())
+        self.store._reserve(self.name, added)
+        self._seen.update(new)
+        self.nbytes += added
+        self.num_rows += batch.num_rows
+        self.batches.append(batch)
+
+    def publish(self) -> Version:
+        """Make the staged batches the dataset's new version, atomically."""
+        self._flush_pending()
+        if self._done:
+            raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
+        try:
+            version = self.store._publish(self)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self.batches = []
+        return version
+
+    def abort(self) -> None:
+        """Discard everything staged; nothing becomes visible."""
+        if self._done:
+            return
+        self._done = True
+        self.store._unreserve(self.nbytes)
+        self.batches, self._pending = [], []
+
+
+def _show(schema: pa.Schema) -> str:
+    return "  " + schema.to_string(show_schema_metadata=False).replace("\n", "\n  ")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB' -> 4294967296; '512MB' -> 512000000; '100' -> 100."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size: write it like 4GiB, 512MB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
