@@ -47,7 +47,7 @@ NAME_GRAMMAR = (
 def validate_name(name: object) -> str:
     """Return ``name`` if it follows the dataset-name grammar, else raise InvalidNameError."""
     if not isinstance(name, str) or not name:
-        raise InvalidNameError(f"dataset name must be a non-empty string, got {name!r}")
+        raise InvalidNameError(f"dataset name must be a non-empty string, got {name!r}: use {NAME_GRAMMAR}")
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(f"invalid dataset name {name!r}: use {NAME_GRAMMAR}")
     return name
@@ -438,6 +438,7 @@ class StagedPut:
     num_rows: int = 0
     _pending: list[pa.RecordBatch] = field(default_factory=list)
     _pending_rows: int = 0
+    _pending_bytes: int = 0
     _seen: set[int] = field(default_factory=set)
     _done: bool = False
 
@@ -459,8 +460,11 @@ class StagedPut:
                 for offset in range(0, batch.num_rows, rows):
                     self._keep(batch.slice(offset, rows))
         elif batch.num_rows > 0:
+            pending_bytes = sum(buffer_sizes([batch]).values())
+            self.store._reserve(self.name, pending_bytes)  # held while it waits to be coalesced
             self._pending.append(batch)
             self._pending_rows += batch.num_rows
+            self._pending_bytes += pending_bytes
             if self._pending_rows >= rows:
                 self._flush_pending()
 
@@ -469,6 +473,8 @@ class StagedPut:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
         merged = pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+        self.store._unreserve(self._pending_bytes)
+        self._pending_bytes = 0
         self._keep(merged)
 
     def _keep(self, batch: pa.RecordBatch) -> None:
@@ -499,8 +505,8 @@ class StagedPut:
         if self._done:
             return
         self._done = True
-        self.store._unreserve(self.nbytes)
-        self.batches, self._pending = [], []
+        self.store._unreserve(self.nbytes + self._pending_bytes)
+        self.batches, self._pending, self._pending_bytes = [], [], 0
 
 
 def _show(schema: pa.Schema) -> str:

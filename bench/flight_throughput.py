@@ -1,0 +1,690 @@
+"""Flight DoGet/DoPut throughput of flightcache against a bare pyarrow Flight server (the floor).
+
+Every server runs in its own process (this file with --serve), so client and servers do not share a
+GIL, as in production. The bare server serves the same deterministic table re-chunked to several batch
+sizes; its best batch size is the floor that flightcache's DoGet is compared with. Configurations are
+interleaved within each repetition and every ratio is computed within this run.
+
+    .venv/bin/python bench/flight_throughput.py            # ~1 GiB, 7 reps -> bench_results/ (~3-4 min)
+    .venv/bin/python bench/flight_throughput.py --quick    # 32 MiB, 1 rep -> a temp dir, in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+try:
+    from ._common import GB, machine_info, median, progress, rss_bytes, write_json
+except ImportError:  # run as a script: bench/ is on sys.path
+    from _common import GB, machine_info, median, progress, rss_bytes, write_json
+
+SEED = 20261124
+DEFAULT_BATCH_ROWS = 64 * 1024
+DEFAULT_ENDPOINT_BYTES = 128 * 1024 * 1024
+ONE_ENDPOINT_BYTES = 1 << 62
+SWEEP: dict[str, int | None] = {"8Ki": 8 * 1024, "64Ki": 64 * 1024, "256Ki": 256 * 1024, "1Mi": 1024 * 1024,
+                                "single": None}
+PARALLELISM = (1, 2, 4)
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
+NAME = "bench/t"
+PUT_NAME = "bench/put"
+MiB = 2**20
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+NOTES = [
+    "GB/s = Arrow bytes of the table (table.nbytes) / wall time of the whole call, 1 GB = 1e9 bytes.",
+    "Warm reads (all but cold/*) run in one long-lived client process whose C allocator already holds the pages "
+    "the previous read freed, as in the issue's figures. The client caps glibc at --client-arenas malloc arenas: "
+    "with glibc's default (8 per core), the threads client.get starts for every call, and gRPC's own threads, "
+    "each get an arena that holds up to a whole dataset of freed memory (the client reached 9.6 GiB and was "
+    "OOM-killed), and a thread landing in a fresh arena faults all its memory in again, which makes parallel "
+    "reads look slower than they are on the server side.",
+    "cold/* reads run after malloc_trim(0) in the client, so every page is faulted in again, like the first read "
+    "in a fresh process; on this VM that costs about 0.9 s of kernel time per GiB.",
+    "The bare server's tables are zero-copy slices of one contiguous table; flightcache holds what DoPut "
+    "received (each batch's buffers live in the gRPC message that carried it).",
+    "put/bare discards every chunk (the issue's floor); put/bare-keep holds the last put's batches like a cache.",
+    "RSS is VmRSS of the server process; 'trimmed' is after glibc malloc_trim(0), which returns freed heap "
+    "memory to the OS: the difference is memory freed by the server but kept by the C allocator.",
+]
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+_SECTIONS = ["api/v1/users", "api/v1/orders", "api/v2/items", "static/img", "static/js", "search", "checkout",
+             "blog/posts", "account/settings", "cart"]
+
+
+def make_table(target_bytes: int, seed: int = SEED) -> pa.Table:
+    """A deterministic web-log table of about ``target_bytes`` Arrow bytes (one chunk per column)."""
+    sample = _web_logs(10_000, seed)
+    return _web_logs(max(1, round(target_bytes / (sample.nbytes / sample.num_rows))), seed)
+
+
+def _web_logs(rows: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    # Bounded int32 draws and a dictionary cast for the strings keep 1 GiB of generation to about a second.
+    start = np.datetime64("2026-11-24T00:00:00", "us").astype(np.int64)
+    ts = start + np.cumsum(rng.integers(0, 20_000, rows, dtype=np.int32), dtype=np.int64)
+    user_id = rng.integers(1, 2_000_000_000, rows, dtype=np.int32).astype(np.int64)
+    codes = np.array([200] * 40 + [201, 204, 301, 302, 304, 304, 400, 401, 403, 404, 404, 429, 500, 502, 503])
+    status = codes[rng.integers(0, len(codes), rows, dtype=np.int32)].astype(np.int64)
+    bytes_sent = (rng.standard_exponential(rows) * 20_000).astype(np.int64)
+    latency_ms = rng.standard_exponential(rows) * 35.0 + 0.2
+    vocab_rng = np.random.default_rng(seed + 1)
+    vocab = pa.array([
+        f"/{_SECTIONS[i % len(_SECTIONS)]}/{vocab_rng.integers(1, 10**7)}"
+        + (f"?q={'abcdefghij'[: 1 + i % 10]}&page={i % 7}" if i % 3 == 0 else "")
+        for i in range(8192)
+    ])
+    popular = (rng.standard_exponential(rows) * 600).astype(np.int32) % len(vocab)  # a few hot paths
+    url = pa.DictionaryArray.from_arrays(pa.array(popular), vocab).cast(pa.string())
+    return pa.table({
+        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+        "user_id": user_id,
+        "status": status,
+        "bytes_sent": bytes_sent,
+        "latency_ms": latency_ms,
+        "url": url,
+    })
+
+
+def rechunk(table: pa.Table, rows: int | None) -> pa.Table:
+    """``table`` as batches of ``rows`` rows (None: one batch), zero-copy slices of contiguous columns."""
+    table = table.combine_chunks()
+    return table if rows is None else pa.Table.from_batches(table.to_batches(max_chunksize=rows), table.schema)
+
+
+# -- the servers (each in its own process) -------------------------------------------------------
+
+
+class BareServer(flight.FlightServerBase):
+    """The floor: the same table, pre-chunked per batch size. DoPut reads every chunk (and drops it,
+    or with descriptor path 'keep' holds the batches until the next put, as a cache must)."""
+
+    def __init__(self, location: str, table: pa.Table) -> None:
+        super().__init__(location)
+        self.tables = {label: rechunk(table, rows) for label, rows in SWEEP.items()}
+        self.kept: list[pa.RecordBatch] = []
+
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> Any:
+        table = self.tables[descriptor.path[0].decode()]
+        endpoint = flight.FlightEndpoint(descriptor.path[0], [])
+        return flight.FlightInfo(table.schema, descriptor, [endpoint], table.num_rows, table.nbytes)
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        return flight.RecordBatchStream(self.tables[ticket.ticket.decode()])
+
+    def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
+               reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
+        keep = descriptor.path[0] == b"keep"
+        self.kept = []
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                return
+            if keep and chunk.data is not None:
+                self.kept.append(chunk.data)
+
+
+def malloc_trim() -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+def defer_pyarrow_dataset() -> None:
+    """What-if: make ``import pyarrow.dataset`` lazy, as if flightcache.store imported it in ``scan`` only."""
+    lock, real = threading.Lock(), {}
+
+    class Deferred(types.ModuleType):
+        def __getattr__(self, attr: str) -> Any:
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            with lock:
+                if not real:
+                    del sys.modules["pyarrow.dataset"]
+                    real["module"] = importlib.import_module("pyarrow.dataset")
+            return getattr(real["module"], attr)
+
+    module = Deferred("pyarrow.dataset")
+    module.__spec__ = None
+    sys.modules["pyarrow.dataset"] = module
+
+
+def flightcache_server(spec: dict[str, Any]) -> flight.FlightServerBase:
+    """flightcache as shipped plus a 'bench.memory' action; with spec['what_if'], the two RSS fixes
+    recommended in the report, patched in: pyarrow.dataset imported lazily, malloc_trim after put and drop."""
+    what_if = bool(spec.get("what_if"))
+    if what_if:
+        defer_pyarrow_dataset()
+    from flightcache.server import FlightcacheServer
+    from flightcache.store import Store
+
+    class BenchFlightcacheServer(FlightcacheServer):
+        def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+            if action.type == "bench.memory":
+                trimmed = action.body.to_pybytes() == b"trim" and malloc_trim()
+                pool = pa.default_memory_pool()
+                return [json.dumps({"arrow_pool_bytes": pool.bytes_allocated(), "pool": pool.backend_name,
+                                    "trimmed": trimmed, "pandas_loaded": "pandas" in sys.modules}).encode()]
+            result = super().do_action(context, action)
+            if what_if and action.type == "drop":
+                malloc_trim()
+            return result
+
+        def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
+                   reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
+            super().do_put(context, descriptor, reader, writer)
+            if what_if:
+                malloc_trim()
+
+    store = Store(memory_limit=None, batch_rows=spec["batch_rows"])
+    return BenchFlightcacheServer("grpc://127.0.0.1:0", store=store, endpoint_bytes=spec["endpoint_bytes"])
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Server-process entry point: print {port, pool} on stdout, serve until stdin closes."""
+    if spec["kind"] == "bare":
+        server = BareServer("grpc://127.0.0.1:0", make_table(spec["size"]))
+    else:
+        server = flightcache_server(spec)
+    print(json.dumps({"port": server.port, "pool": pa.default_memory_pool().backend_name}), flush=True)
+    sys.stdin.read()
+    server.shutdown()
+
+
+@dataclass
+class ServerProcess:
+    label: str
+    spec: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+    port: int = 0
+    pool: str = ""
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(self.spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **self.env},
+        )
+
+    def ready(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server {self.label} exited with {self.proc.wait()} before it was ready")
+        hello = json.loads(line)
+        self.port, self.pool = hello["port"], hello["pool"]
+
+    @property
+    def uri(self) -> str:
+        return f"grpc://127.0.0.1:{self.port}"
+
+    @property
+    def rss(self) -> int:
+        assert self.proc is not None
+        return rss_bytes(self.proc.pid)
+
+    def cpu(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the server process so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+
+    def memory(self, trim: bool = False) -> dict[str, Any]:
+        """RSS and Arrow-pool bytes of a flightcache server; ``trim``: after malloc_trim(0)."""
+        conn = flight.connect(self.uri)
+        try:
+            answer = next(iter(conn.do_action(flight.Action("bench.memory", b"trim" if trim else b""))))
+        finally:
+            conn.close()
+        return {**json.loads(answer.body.to_pybytes()), "rss": self.rss}
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def start_all(servers: list[ServerProcess]) -> None:
+    for s in servers:
+        s.start()
+    for s in servers:
+        s.ready()
+
+
+# -- the measurements ----------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    key: str
+    group: str  # bare_get, fc_get, fc_parallel, cold, put
+    label: str
+    run: Callable[[], None]
+    before: Callable[[], object] = lambda: None  # untimed, before each run
+    after: Callable[[], object] = lambda: None  # untimed clean-up after each run
+    samples: list[float] = field(default_factory=list)  # GB/s
+    cpu: list[tuple[float, float, float, float]] = field(default_factory=list)  # client u/s, servers u/s
+
+
+def bare_get(conn: flight.FlightClient, label: str, rows: int) -> Callable[[], None]:
+    def run() -> None:
+        result = conn.do_get(flight.Ticket(label.encode())).read_all()
+        if result.num_rows != rows:
+            raise RuntimeError(f"bare {label}: got {result.num_rows} rows, expected {rows}")
+
+    return run
+
+
+def fc_get(client: Any, rows: int) -> Callable[[], None]:
+    def run() -> None:
+        result = client.get(NAME)
+        if result.num_rows != rows:
+            raise RuntimeError(f"flightcache {client.uri}: got {result.num_rows} rows, expected {rows}")
+
+    return run
+
+
+def bare_put(conn: flight.FlightClient, table: pa.Table, path: str) -> Callable[[], None]:
+    def run() -> None:
+        writer, _ = conn.do_put(flight.FlightDescriptor.for_path(path), table.schema)
+        with writer:
+            for batch in table.to_reader(max_chunksize=DEFAULT_BATCH_ROWS):  # as client.put sends it
+                writer.write_batch(batch)
+            writer.done_writing()
+
+    return run
+
+
+def measure(configs: list[Config], nbytes: int, reps: int, servers: list[ServerProcess]) -> None:
+    """Each rep runs every config once; the order rotates from rep to rep so none always runs first."""
+    progress(f"warm-up: {len(configs)} configurations")
+    for c in configs:
+        c.before()
+        c.run()
+        c.after()
+    for rep in range(reps):
+        shift = rep * max(1, len(configs) // reps) % len(configs)
+        for c in configs[shift:] + configs[:shift]:
+            c.before()
+            client0, servers0 = os.times(), [s.cpu() for s in servers]
+            started = time.perf_counter()
+            c.run()
+            elapsed = time.perf_counter() - started
+            client1, servers1 = os.times(), [s.cpu() for s in servers]
+            c.samples.append(nbytes / elapsed / GB)
+            c.cpu.append((client1.user - client0.user, client1.system - client0.system,
+                          sum(b[0] - a[0] for a, b in zip(servers0, servers1, strict=True)),
+                          sum(b[1] - a[1] for a, b in zip(servers0, servers1, strict=True))))
+            c.after()
+        progress(f"rep {rep + 1}/{reps}: " + ", ".join(f"{c.key} {c.samples[-1]:.2f}" for c in configs))
+        rss = {"client": rss_bytes(os.getpid()), **{s.label: s.rss for s in servers}}
+        progress(f"RSS GiB: total {sum(rss.values()) / 2**30:.1f}; "
+                 + ", ".join(f"{k} {v / 2**30:.1f}" for k, v in rss.items()))
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def fc_spec(batch_rows: int, endpoint_bytes: int, what_if: bool = False) -> dict[str, Any]:
+    return {"kind": "flightcache", "batch_rows": batch_rows, "endpoint_bytes": endpoint_bytes, "what_if": what_if}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    import flightcache
+
+    bare = ServerProcess("bare", {"kind": "bare", "size": args.size})
+    fc_one = {label: ServerProcess(f"flightcache {label}, 1 endpoint", fc_spec(rows or 1 << 40, ONE_ENDPOINT_BYTES))
+              for label, rows in SWEEP.items()}
+    fc_default = ServerProcess("flightcache default", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes))
+    servers = [bare, *fc_one.values(), fc_default]
+    try:
+        progress(f"starting {len(servers)} server processes; generating the table ({args.size / MiB:.0f} MiB)")
+        start_all(servers)  # the bare server builds its own copy of the table meanwhile
+        table = make_table(args.size)
+        rows, nbytes = table.num_rows, table.nbytes
+        progress(f"table: {rows:,} rows, {nbytes:,} Arrow bytes; servers ready")
+        conn = flight.connect(bare.uri)
+        bare_info = conn.get_flight_info(flight.FlightDescriptor.for_path(b"single"))
+        if bare_info.total_records != rows or bare_info.total_bytes != nbytes:
+            raise RuntimeError("the bare server's table differs from the client's")
+
+        main = flightcache.connect(fc_default.uri)
+        rss: dict[str, Any] = {"idle": fc_default.memory()}
+        started = time.perf_counter()
+        put_result = main.put(NAME, table)
+        rss["put_seconds"] = round(time.perf_counter() - started, 3)
+        rss["after_put"] = fc_default.memory()
+        time.sleep(args.settle)
+        rss["settled"] = fc_default.memory()
+        rss["settled_trimmed"] = fc_default.memory(trim=True)
+        progress(f"put {put_result['bytes']:,} bytes into the default server in {rss['put_seconds']:.2f}s; RSS "
+                 f"{rss['idle']['rss'] / MiB:.0f} -> {rss['settled']['rss'] / MiB:.0f} MiB")
+        stored = {"default": main.info(NAME)}
+        for label, batch_rows in SWEEP.items():
+            # Sent in the store's batch size, so each server keeps the batches as they arrive.
+            flightcache.connect(fc_one[label].uri, batch_rows=batch_rows or rows).put(NAME, table)
+            stored[label] = flightcache.connect(fc_one[label].uri).info(NAME)
+        endpoints = len(main.flight_info(NAME).endpoints)
+        progress("checking that every flightcache server returns the table unchanged")
+        for s in [*fc_one.values(), fc_default]:
+            if not flightcache.connect(s.uri).get(NAME).equals(table):
+                raise RuntimeError(f"{s.label} returned a different table")
+
+        configs = [Config(f"bare_get/{label}", "bare_get", f"bare {label}", bare_get(conn, label, rows))
+                   for label in SWEEP]
+        configs += [Config(f"fc_get/{label}", "fc_get", f"flightcache {label}",
+                           fc_get(flightcache.connect(fc_one[label].uri), rows)) for label in SWEEP]
+        configs += [Config(f"fc_parallel/p{p}", "fc_parallel", f"fc client.get {endpoints} ep, {p} thr",
+                           fc_get(flightcache.connect(fc_default.uri, parallelism=p), rows)) for p in PARALLELISM]
+        configs += [Config(f"cold/{c.key}", "cold", f"cold: {c.label}", c.run, before=malloc_trim) for c in configs
+                    if c.key in ("bare_get/64Ki", "fc_get/64Ki", "fc_parallel/p2", "fc_parallel/p4")]
+        configs += [Config("put/bare", "put", "bare DoPut (discards)", bare_put(conn, table, "discard")),
+                    Config("put/bare-keep", "put", "bare DoPut (keeps)", bare_put(conn, table, "keep")),
+                    Config("put/flightcache", "put", "flightcache DoPut", lambda: main.put(PUT_NAME, table),
+                           after=lambda: main.drop(PUT_NAME))]
+        measure(configs, nbytes, args.reps, servers)
+        rss["after_reps"] = fc_default.memory()
+        rss["after_reps_trimmed"] = fc_default.memory(trim=True)
+    finally:
+        for s in servers:
+            s.stop()
+
+    results = summarize(configs)
+    results.update({
+        "table": {"rows": rows, "arrow_bytes": nbytes, "schema": table.schema.to_string()},
+        "stored": {k: {"batches": v["batches"], "bytes": v["bytes"], "rows": v["rows"]} for k, v in stored.items()},
+        "default_endpoints": endpoints,
+        "rss": rss_figures(put_result["bytes"], rss),
+        "rss_experiments": rss_experiments(args, table),
+    })
+    results["targets"] = targets(results)
+    return results
+
+
+def rss_figures(arrow_bytes: int, rss: dict[str, Any]) -> dict[str, Any]:
+    """Raw figures plus, for each, total RSS / Arrow bytes and (RSS - idle RSS) / Arrow bytes."""
+    idle = rss["idle"]["rss"]
+    out: dict[str, Any] = {"arrow_bytes": arrow_bytes, "pool": rss["idle"]["pool"],
+                           "put_seconds": rss.pop("put_seconds")}
+    for when, m in rss.items():
+        out[when] = {"rss": m["rss"], "rss_over_arrow_bytes": round(m["rss"] / arrow_bytes, 4),
+                     "delta_over_arrow_bytes": round((m["rss"] - idle) / arrow_bytes, 4),
+                     "arrow_pool_bytes": m["arrow_pool_bytes"], "pandas_loaded": m["pandas_loaded"]}
+    return out
+
+
+def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]:
+    """RSS of fresh default-config servers after one put and after put/drop cycles: other Arrow memory
+    pools (via ARROW_DEFAULT_MEMORY_POOL) and the what-if server with the recommended fixes patched in."""
+    import flightcache
+
+    variants = [(f"pool={p}", {"ARROW_DEFAULT_MEMORY_POOL": p}, False) for p in args.pools.split(",") if p]
+    variants.append(("what-if: lazy pyarrow.dataset + malloc_trim after put/drop", {}, True))
+    out: dict[str, Any] = {}
+    for name, env, what_if in variants:
+        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, what_if), env=env)
+        try:
+            start_all([server])
+            client = flightcache.connect(server.uri)
+            rss: dict[str, Any] = {"idle": server.memory()}
+            started = time.perf_counter()
+            result = client.put(NAME, table)
+            rss["put_seconds"] = round(time.perf_counter() - started, 3)
+            time.sleep(args.settle)
+            rss["settled"] = server.memory()
+            for _ in range(2):
+                client.put(PUT_NAME, table)
+                client.drop(PUT_NAME)
+            time.sleep(args.settle)
+            rss["after_2_put_drop"] = server.memory()
+            rss["after_2_put_drop_trimmed"] = server.memory(trim=True)
+            out[name] = rss_figures(result["bytes"], rss)
+            progress(f"{name}: RSS {rss['idle']['rss'] / MiB:.0f} -> {rss['settled']['rss'] / MiB:.0f} MiB after "
+                     f"a put, {rss['after_2_put_drop']['rss'] / MiB:.0f} MiB after 2 put/drop cycles")
+        finally:
+            server.stop()
+    return out
+
+
+def summarize(configs: list[Config]) -> dict[str, Any]:
+    medians = {c.key: round(median(c.samples), 4) for c in configs}
+    best = max((c for c in configs if c.group == "bare_get"), key=lambda c: medians[c.key])
+    one_stream = f"fc_get/{next(label for label, rows in SWEEP.items() if rows == DEFAULT_BATCH_ROWS)}"
+    samples = {c.key: c.samples for c in configs}
+
+    def ratio(num: str, den: str) -> dict[str, Any]:
+        per_rep = [a / b for a, b in zip(samples[num], samples[den], strict=True)]
+        return {"of_medians": round(medians[num] / medians[den], 4), "median_per_rep": round(median(per_rep), 4),
+                "per_rep": [round(r, 4) for r in per_rep]}
+
+    ratios: dict[str, Any] = {}
+    for c in configs:
+        if c.group in ("fc_get", "fc_parallel"):
+            ratios[f"{c.key} / best bare"] = ratio(c.key, best.key)
+    for label in SWEEP:
+        ratios[f"fc_get/{label} / bare_get/{label}"] = ratio(f"fc_get/{label}", f"bare_get/{label}")
+    for c in configs:
+        if c.group == "fc_parallel":
+            ratios[f"{c.key} / {one_stream}"] = ratio(c.key, one_stream)
+    ratios["cold/fc_get/64Ki / cold/bare_get/64Ki"] = ratio("cold/fc_get/64Ki", "cold/bare_get/64Ki")
+    for p in ("p2", "p4"):
+        ratios[f"cold/fc_parallel/{p} / cold/{one_stream}"] = ratio(f"cold/fc_parallel/{p}", f"cold/{one_stream}")
+    ratios["put/flightcache / put/bare"] = ratio("put/flightcache", "put/bare")
+    ratios["put/flightcache / put/bare-keep"] = ratio("put/flightcache", "put/bare-keep")
+    return {
+        "unit": "GB/s (1e9 Arrow bytes per second)",
+        "notes": NOTES,
+        "best_bare": best.key,
+        "one_stream": one_stream,
+        "configs": {c.key: {"label": c.label, "group": c.group, "median": medians[c.key],
+                            "samples": [round(s, 4) for s in c.samples],
+                            "median_cpu_s": dict(zip(("client_user", "client_sys", "servers_user", "servers_sys"),
+                                                     (round(median([x[i] for x in c.cpu]), 3) for i in range(4)),
+                                                     strict=True))}
+                    for c in configs},
+        "medians": medians,
+        "ratios": ratios,
+    }
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    ratios, one, best = results["ratios"], results["one_stream"], results["best_bare"]
+    doget = ratios[f"{one} / best bare"]["of_medians"]
+    parallel = {k: ratios[f"fc_parallel/{k} / {one}"]["of_medians"] for k in ("p2", "p4")}
+    settled = results["rss"]["settled"]
+    return {
+        "doget_within_10pct_of_floor": {
+            "target": f"flightcache DoGet, one stream at the default batch_rows ({one}), >= 0.9x the best bare "
+                      f"configuration ({best}), ratio of medians",
+            "ratio": doget, "met": doget >= 0.9,
+            "default_client_get_over_best_bare": ratios["fc_parallel/p4 / best bare"]["of_medians"],
+        },
+        "parallel_not_slower_than_one_stream": {
+            "target": f"client.get over the default server's {results['default_endpoints']} endpoints with 2 and 4 "
+                      f"threads >= one stream ({one}), ratio of medians",
+            "ratios": parallel, "met": min(parallel.values()) >= 1.0,
+            "cold_client": {k: ratios[f"cold/fc_parallel/{k} / cold/{one}"]["of_medians"] for k in ("p2", "p4")},
+        },
+        "rss_at_most_1.1x_arrow_bytes": {
+            "target": "server RSS (VmRSS, settled after the put) <= 1.1x the dataset's Arrow bytes",
+            "ratio": settled["rss_over_arrow_bytes"], "met": settled["rss_over_arrow_bytes"] <= 1.1,
+            "delta_over_arrow_bytes": settled["delta_over_arrow_bytes"],
+            "idle_rss": results["rss"]["idle"]["rss"],
+        },
+    }
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    best = results["medians"][results["best_bare"]]
+    print(f"\n{'configuration':<38} {'median GB/s':>11} {'/ best bare':>11}  samples")
+    for c in results["configs"].values():
+        vs = f"{c['median'] / best:.3f}" if c["group"] in ("bare_get", "fc_get", "fc_parallel") else ""
+        print(f"{c['label']:<38} {c['median']:>11.3f} {vs:>11}  {' '.join(f'{s:.2f}' for s in c['samples'])}")
+    r = results["ratios"]
+    print(f"\nDoPut flightcache / bare: {r['put/flightcache / put/bare']['of_medians']:.3f} "
+          f"(/ bare that keeps the batches: {r['put/flightcache / put/bare-keep']['of_medians']:.3f})")
+    rss = results["rss"]
+    print(f"RSS ({rss['pool']} pool), x Arrow bytes ({rss['arrow_bytes'] / MiB:.0f} MiB); total (minus idle):")
+    for when in ("settled", "settled_trimmed", "after_reps", "after_reps_trimmed"):
+        print(f"  {when:<20} {rss[when]['rss_over_arrow_bytes']:.3f}x ({rss[when]['delta_over_arrow_bytes']:.3f}x)")
+    for name, e in results["rss_experiments"].items():
+        print(f"  {name}: after a put {e['settled']['rss_over_arrow_bytes']:.3f}x "
+              f"({e['settled']['delta_over_arrow_bytes']:.3f}x), after 2 put/drop cycles "
+              f"{e['after_2_put_drop']['rss_over_arrow_bytes']:.3f}x")
+    print()
+    for name, t in results["targets"].items():
+        print(f"{'MET ' if t['met'] else 'MISS'}  {name}: {t.get('ratio', t.get('ratios'))}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = results["configs"]
+    groups = {"bare_get": ("#888888", "bare DoGet (batch-size sweep)"),
+              "fc_get": ("#1f77b4", "flightcache DoGet, 1 stream (batch_rows sweep)"),
+              "fc_parallel": ("#2ca02c", "flightcache client.get, parallel endpoints"),
+              "cold": ("#bcbd22", "cold client (page faults), bare / flightcache"),
+              "put": ("#ff7f0e", "DoPut")}
+    fig, ax = plt.subplots(figsize=(13, 6))
+    keys = list(configs)
+    for i, key in enumerate(keys):
+        c = configs[key]
+        ax.bar(i, c["median"], color=groups[c["group"]][0], width=0.7)
+        ax.plot([i] * len(c["samples"]), c["samples"], "k.", markersize=3)
+        ax.text(i, c["median"], f"{c['median']:.2f}", ha="center", va="bottom", fontsize=8)
+    best = results["medians"][results["best_bare"]]
+    ax.axhline(best, color="k", linestyle="--", linewidth=0.8, label=f"best bare DoGet ({best:.2f} GB/s)")
+    ax.axhline(0.9 * best, color="r", linestyle=":", linewidth=0.8, label="90% of best bare (target)")
+    for color, name in groups.values():
+        ax.bar(0, 0, color=color, label=name)
+    ax.set_xticks(range(len(keys)), [configs[k]["label"] for k in keys], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("GB/s (bar: median; dots: samples)")
+    t, m = results["table"], results["machine"]
+    ax.set_title(f"Arrow Flight DoGet/DoPut of {t['arrow_bytes'] / 2**30:.2f} GiB ({t['rows']:,} rows), servers in "
+                 f"separate processes; {m['cpu_count']} CPUs, pyarrow {m['pyarrow']}, {m['date'][:10]}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark flightcache DoGet/DoPut against a bare pyarrow Flight server serving the same table "
+                    "(the floor): batch-size sweep, one stream vs parallel endpoints, DoPut, and server RSS.",
+        epilog="Servers run in separate processes. Writes flight_throughput.json and flight_throughput.png. Ratios "
+               "are computed within one run; absolute GB/s depend on the machine and its load.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a 32 MiB table and 1 rep, written to --out (default: a new temp dir); for tests")
+    parser.add_argument("--size",
+                        help="Arrow bytes of the table, e.g. 1GiB, 256MiB (default: 1GiB; 32MiB with --quick)")
+    parser.add_argument("--reps", type=int,
+                        help="timed repetitions of every configuration, interleaved (default: 7; 1 with --quick)")
+    parser.add_argument("--out", type=Path,
+                        help=f"directory for the results (default: {DEFAULT_OUT}; with --quick a new temp dir, so "
+                             "quick runs never overwrite the committed results)")
+    parser.add_argument("--pools", default="system,jemalloc",
+                        help="also measure server RSS with each of these ARROW_DEFAULT_MEMORY_POOL values, "
+                             "comma-separated, '' for none (default: %(default)s)")
+    parser.add_argument("--settle", type=float,
+                        help="seconds to wait after a put before reading RSS (default: 2; 0.2 with --quick)")
+    parser.add_argument("--client-arenas", type=int, default=2,
+                        help="cap the client's glibc malloc arenas (bounds its memory; 0: glibc's default) "
+                             "(default: %(default)s)")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # server-process entry point
+    args = parser.parse_args(argv)
+    if args.serve:  # before importing flightcache: the what-if server must patch imports first
+        return args
+    from flightcache.store import parse_bytes
+
+    args.size = parse_bytes(args.size or ("32MiB" if args.quick else "1GiB"))
+    args.reps = args.reps if args.reps is not None else (1 if args.quick else 7)
+    args.settle = args.settle if args.settle is not None else (0.2 if args.quick else 2.0)
+    # A small table gets proportionally smaller endpoints, so a quick run still reads ~8 in parallel.
+    args.endpoint_bytes = min(DEFAULT_ENDPOINT_BYTES, max(MiB, args.size // 8))
+    if args.reps < 1 or args.size < 1:
+        parser.error("--reps and --size must be positive")
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="flight_throughput_")) if args.quick else DEFAULT_OUT
+    return args
+
+
+def check_memory(size: int) -> None:
+    """Refuse to start what would push a shared machine into the OOM killer."""
+    needed = 16 * size + 2 * 2**30  # measured peak: 7 servers and the client, ~14x the table at 1 GiB
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:") and int(line.split()[1]) * 1024 < needed:
+            sys.exit(f"flight_throughput: needs about {needed / 2**30:.0f} GiB of free memory for a "
+                     f"{size / 2**30:.2f} GiB table, only {int(line.split()[1]) / 2**20:.1f} GiB available; "
+                     "use a smaller --size")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve(json.loads(args.serve))
+        return 0
+    if args.client_arenas > 0:
+        try:  # before the first gRPC thread, so every thread shares these arenas
+            ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, args.client_arenas)
+        except (OSError, AttributeError):
+            progress("not glibc: --client-arenas ignored")
+    check_memory(args.size)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "parameters": {"size": args.size, "reps": args.reps, "quick": args.quick, "seed": SEED,
+                       "sweep_rows": SWEEP, "parallelism": PARALLELISM, "default_endpoint_bytes": args.endpoint_bytes,
+                       "pools": args.pools, "settle_s": args.settle, "client_arenas": args.client_arenas},
+    }
+    results.update(run_benchmark(args))
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json(args.out / "flight_throughput.json", results)
+    plot(results, args.out / "flight_throughput.png")
+    print_summary(results)
+    progress(f"wrote {args.out / 'flight_throughput.json'} and flight_throughput.png in {results['elapsed_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The ``flightcache`` command: run a server, and put, get, list, describe and drop datasets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from .client import DEFAULT_URI, Client
+from .errors import FlightcacheError
+from .store import DEFAULT_BATCH_ROWS, NAME_GRAMMAR, format_bytes, parse_bytes
+
+log = logging.getLogger("flightcache")
+
+EPILOG = f"""\
+Dataset names: {NAME_GRAMMAR}.
+Every command but 'serve' talks to the server at --uri (default: $FLIGHTCACHE_URI, else {DEFAULT_URI}).
+"""
+
+FILTER_HELP = (
+    "row filter applied on the server, e.g. \"status >= 500 and method in ('GET', 'POST')\"; "
+    "operators == != < <= > >= in, not in, is None, is not None, and, or, not"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--uri", default=os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI,
+                        help="server address, grpc://HOST:PORT (default: %(default)s)")
+    common.add_argument("--output", choices=("text", "json"), default="text",
+                        help="text for people, json for scripts (default: %(default)s)")
+    common.add_argument("--log-level", default=os.environ.get("FLIGHTCACHE_LOG_LEVEL", "WARNING"),
+                        help="DEBUG, INFO, WARNING or ERROR (default: $FLIGHTCACHE_LOG_LEVEL or WARNING)")
+
+    parser = argparse.ArgumentParser(
+        prog="flightcache",
+        description="An Arrow Flight cache that hands named Arrow tables from one pipeline stage to the next.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run a flightcache server",
+                           description="Run a flightcache server until SIGINT or SIGTERM.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8815, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    serve.add_argument("--memory-limit", default="4GiB", help="bound on dataset bytes held, e.g. 4GiB, 512MB (default: %(default)s)")
+    serve.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS,
+                       help="rows per stored record batch; larger batches are sliced, small ones coalesced (default: %(default)s)")
+    serve.add_argument("--endpoint-bytes", default="128MiB",
+                       help="split a dataset into one Flight endpoint per this many bytes, for parallel reads (default: %(default)s)")
+    serve.add_argument("--retain-seconds", type=float, default=60.0,
+                       help="keep a replaced version readable this long for readers already on it (default: %(default)s)")
+
+    sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
+
+    info = sub.add_parser("info", parents=[common], help="describe a dataset",
+                          description="Show a dataset's schema, rows, bytes, version and times.")
+    info.add_argument("name")
+
+    put = sub.add_parser("put", parents=[common], help="put a Parquet file or directory as a dataset",
+                         description="Stream a Parquet file (or a directory of them) into the cache as dataset NAME.")
+    put.add_argument("name")
+    put.add_argument("path", help="a .parquet file or a directory of Parquet files")
+    put.add_argument("--mode", choices=("overwrite", "append", "create"), default="overwrite",
+                     help="overwrite replaces, append adds rows (same schema), create fails if NAME exists (default: %(default)s)")
+
+    get = sub.add_parser("get", parents=[common], help="read a dataset (to a Parquet file or the terminal)",
+                         description="Read a dataset. With -o, write it to a Parquet file; else print its first rows.")
+    get.add_argument("name")
+    get.add_argument("-o", "--out", help="write the result to this Parquet file")
+    get.add_argument("--columns", help="comma-separated columns to read (default: all)")
+    get.add_argument("--filter", help=FILTER_HELP)
+    get.add_argument("--limit", type=int, default=20, help="rows to print without -o (default: %(default)s)")
+
+    drop = sub.add_parser("drop", parents=[common], help="drop a dataset", description="Drop a dataset and free its memory.")
+    drop.add_argument("name")
+
+    sub.add_parser("stats", parents=[common], help="show server figures",
+                   description="Show memory used and limit, dataset count and request counters.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return serve(args)
+        with Client(args.uri) as client:
+            return COMMANDS[args.command](client, args)
+    except (FlightcacheError, ValueError, OSError) as e:
+        print(f"flightcache {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"flightcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .server import FlightcacheServer
+    from .store import Store
+
+    store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
+    server = FlightcacheServer(f"grpc://{args.host}:{args.port}", store=store,
+                               endpoint_bytes=parse_bytes(args.endpoint_bytes))
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            log.warning("received %s, shutting down", signal.Signals(signum).name)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    uri = f"grpc://{args.host}:{server.port}"
+    _emit(args, {"uri": uri, "memory_limit": store.memory_limit, "pid": os.getpid()},
+          f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, pid {os.getpid()})")
+    sys.stdout.flush()
+    while not stopping.wait(0.2):
+        pass
+    server.wait()
+    print("flightcache server stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    datasets = client.list()
+    rows = [[d["name"], str(d["version"]), f"{d['rows']:,}", format_bytes(d["bytes"]), _time(d["created"]),
+             _time(d["last_read"])] for d in datasets]
+    _emit(args, datasets, _table(["NAME", "VERSION", "ROWS", "SIZE", "CREATED", "LAST READ"], rows)
+          if rows else "no datasets")
+    return 0
+
+
+def cmd_info(client: Client, args: argparse.Namespace) -> int:
+    d = client.info(args.name)
+    text = "\n".join([
+        f"name:      {d['name']}", f"version:   {d['version']}", f"rows:      {d['rows']:,}",
+        f"size:      {format_bytes(d['bytes'])} ({d['bytes']:,} bytes in {d['batches']} batches)",
+        f"created:   {_time(d['created'])}", f"last read: {_time(d['last_read'])}",
+        "schema:", "  " + d["schema"].replace("\n", "\n  "),
+    ])
+    _emit(args, d, text)
+    return 0
+
+
+def cmd_put(client: Client, args: argparse.Namespace) -> int:
+    import pyarrow.dataset as ds
+
+    try:
+        dataset = ds.dataset(args.path, format="parquet")
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read Parquet at {args.path!r}: {e}") from e
+    total = dataset.count_rows()
+    bar = _Progress(f"put {args.name}", total)
+    reader = dataset.scanner(batch_size=client.batch_rows).to_reader()
+    result = client.put(args.name, reader, mode=args.mode, progress=bar.update)
+    bar.close()
+    _emit(args, result, f"put {result['name']}: version {result['version']}, {result['rows']:,} rows, "
+                        f"{format_bytes(result['bytes'])}")
+    return 0
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    if not args.out:
+        table = client.get(args.name, columns, args.filter)
+        shown = table.slice(0, args.limit)
+        if args.output == "json":
+            _emit(args, shown.to_pylist(), "")
+        else:
+            print(shown.to_pandas().to_string() if _has_pandas() else shown.to_string(preview_cols=20))
+            print(f"({table.num_rows:,} rows, showing {shown.num_rows})")
+        return 0
+    info = client.flight_info(args.name, columns, args.filter)
+    bar = _Progress(f"get {args.name}", info.total_records if info.total_records >= 0 else None)
+    rows = 0
+    writer = None
+    try:
+        for batch in client.stream(args.name, columns, args.filter):
+            if writer is None:
+                writer = pq.ParquetWriter(args.out, batch.schema)
+            writer.write_batch(batch)
+            rows += batch.num_rows
+            bar.update(batch.num_rows, batch.nbytes)
+        if writer is None:
+            pq.write_table(pa.Table.from_batches([], info.schema), args.out)
+    finally:
+        if writer is not None:
+            writer.close()
+        bar.close()
+    _emit(args, {"name": args.name, "rows": rows, "path": args.out}, f"wrote {rows:,} rows of {args.name} to {args.out}")
+    return 0
+
+
+def cmd_drop(client: Client, args: argparse.Namespace) -> int:
+    result = client.drop(args.name)
+    _emit(args, result, f"dropped {result['name']} (version {result['version']}, {format_bytes(result['bytes'])})")
+    return 0
+
+
+def cmd_stats(client: Client, args: argparse.Namespace) -> int:
+    s = client.stats()
+    limit = s.get("memory_limit")
+    pct = f" ({100 * s['memory_used'] / limit:.1f}%)" if limit else ""
+    lines = [
+        ["datasets", str(s["datasets"])],
+        ["memory used", f"{format_bytes(s['memory_used'])}{pct}"],
+        ["memory limit", format_bytes(limit) if limit else "none"],
+        ["puts in progress", format_bytes(s["memory_staged"])],
+        ["retained versions", str(s["retained_versions"])],
+        ["puts / aborted", f"{s['puts']} / {s['puts_aborted']}"],
+        ["gets (streams)", str(s["gets"])],
+        ["bytes received", format_bytes(s["bytes_received"])],
+        ["bytes served", format_bytes(s["bytes_served"])],
+        ["uptime", f"{s['uptime_s']:.0f} s"],
+    ]
+    _emit(args, s, _table(["FIGURE", "VALUE"], lines))
+    return 0
+
+
+COMMANDS = {"ls": cmd_ls, "info": cmd_info, "put": cmd_put, "get": cmd_get, "drop": cmd_drop, "stats": cmd_stats}
+
+
+class _Progress:
+    """A one-line progress display on stderr, shown only on a terminal."""
+
+    def __init__(self, label: str, total_rows: int | None) -> None:
+        self.label, self.total = label, total_rows
+        self.rows = self.nbytes = 0
+        self.started = self.shown = time.monotonic()
+        self.enabled = sys.stderr.isatty()
+
+    def update(self, rows: int, nbytes: int) -> None:
+        self.rows += rows
+        self.nbytes += nbytes
+        now = time.monotonic()
+        if self.enabled and now - self.shown >= 0.2:
+            self.shown = now
+            rate = self.nbytes / max(now - self.started, 1e-9)
+            done = f" {100 * self.rows / self.total:5.1f}%" if self.total else ""
+            sys.stderr.write(f"\r{self.label}:{done} {self.rows:,} rows, {format_bytes(self.nbytes)} "
+                             f"({format_bytes(rate)}/s)   ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.shown != self.started:
+            sys.stderr.write("\n")
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.output == "json" else text)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def _time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _has_pandas() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pandas") is not None
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

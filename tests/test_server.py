@@ -1,0 +1,414 @@
+"""The Flight server and the client against a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+import pytest
+from conftest import every_type_table, logs_table
+
+import flightcache
+from flightcache.errors import (
+    ERRORS_BY_CODE,
+    DatasetExistsError,
+    DatasetNotFoundError,
+    FlightcacheError,
+    InvalidNameError,
+    InvalidRequestError,
+    MemoryFullError,
+    PutAbortedError,
+    SchemaMismatchError,
+    ServerUnavailableError,
+)
+from flightcache.protocol import error_from_flight, error_to_flight
+from flightcache.server import FlightcacheServer
+from flightcache.store import Store
+
+# -- round trips -------------------------------------------------------------------------------
+
+
+def test_every_type_round_trips(client: flightcache.Client) -> None:
+    """Nested, dictionary, decimal, zoned timestamps, large strings and binaries come back identical."""
+    table = every_type_table()
+    client.put("types", table)
+    back = client.get("types")
+    assert back.schema.equals(table.schema)
+    assert back.equals(table)
+
+
+def test_nan_round_trips(client: flightcache.Client) -> None:
+    table = pa.table({"x": pa.array([float("nan"), 1.0, None])})
+    client.put("nan", table)
+    back = client.get("nan")["x"]
+    assert pc.is_nan(back[0]).as_py() and back[1].as_py() == 1.0 and back[2].as_py() is None
+
+
+def test_empty_and_chunked_tables(client: flightcache.Client) -> None:
+    """An empty table keeps its schema; a chunked table keeps its rows in order."""
+    empty = logs_table(0)
+    client.put("empty", empty)
+    back = client.get("empty")
+    assert back.num_rows == 0 and back.schema.equals(empty.schema)
+    assert client.info("empty")["rows"] == 0
+    chunked = pa.concat_tables([logs_table(7, seed=i) for i in range(50)])
+    assert chunked.column(0).num_chunks == 50
+    client.put("chunked", chunked)
+    assert client.get("chunked").equals(chunked)
+
+
+def test_large_binary_values(client: flightcache.Client) -> None:
+    """Values of several MiB each, in large types, survive the trip."""
+    blob = bytes(range(256)) * 16384  # 4 MiB
+    table = pa.table({"blob": pa.array([blob, b"", blob[:10]], pa.large_binary()),
+                      "text": pa.array(["é" * 1_000_000, "", None], pa.large_string())})
+    client.put("blobs", table)
+    assert client.get("blobs").equals(table)
+
+
+def test_pandas_and_polars_in_and_out(client: flightcache.Client) -> None:
+    """DataFrames go in and come out; the pandas index is not stored as a column."""
+    import pandas as pd
+    import polars as pl
+
+    df = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", None]}, index=[10, 11, 12])
+    client.put("pd", df)
+    assert client.get("pd").column_names == ["a", "b"]
+    assert client.to_pandas("pd")["a"].tolist() == [1, 2, 3]
+    pdf = pl.DataFrame({"k": [1, 2], "v": [[1.0], [2.0, 3.0]]})
+    client.put("pl", pdf)
+    assert client.to_polars("pl").equals(pdf)
+
+
+def test_put_record_batch_reader_and_batch(client: flightcache.Client) -> None:
+    table = logs_table(1000)
+    client.put("r", pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=100)))
+    assert client.get("r").equals(table)
+    client.put("b", table.to_batches()[0])
+    assert client.get("b").num_rows == table.to_batches()[0].num_rows
+
+
+# -- endpoints, projection, filters --------------------------------------------------------------
+
+
+def test_large_dataset_has_several_endpoints_read_in_parallel() -> None:
+    """get_flight_info splits a large dataset into endpoints; reading them all gives the table back."""
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=10_000), endpoint_bytes=256 * 1024)
+    try:
+        c = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
+        table = pa.table({"i": np.arange(300_000), "f": np.random.default_rng(0).random(300_000)})
+        c.put("big", table)
+        info = c.flight_info("big")
+        assert len(info.endpoints) > 4
+        assert info.total_records == 300_000 and info.total_bytes == table.nbytes
+        assert c.get("big").equals(table)
+        # the endpoints partition the rows: each read alone, then concatenated in order
+        parts = [c.flight.do_get(e.ticket).read_all() for e in info.endpoints]
+        assert sum(p.num_rows for p in parts) == 300_000
+        assert pa.concat_tables(parts).equals(table)
+        assert list(c.stream("big")) and pa.Table.from_batches(list(c.stream("big"))).equals(table)
+    finally:
+        srv.shutdown()
+
+
+def test_projection_and_string_filter(client: flightcache.Client) -> None:
+    table = logs_table(5000)
+    client.put("logs", table)
+    got = client.get("logs", columns=["status", "method"], filter="status >= 500 and method == 'GET'")
+    expected = table.filter((pc.field("status") >= 500) & (pc.field("method") == "GET")).select(["status", "method"])
+    assert got.column_names == ["status", "method"]
+    assert got.num_rows == expected.num_rows > 0
+    assert got.equals(expected)
+
+
+def test_expression_filter_travels_as_substrait(client: flightcache.Client) -> None:
+    table = logs_table(2000)
+    client.put("logs", table)
+    expr = pc.field("status").isin([404, 500]) & (pc.field("bytes") > 50_000)
+    assert client.get("logs", filter=expr).equals(table.filter(expr))
+
+
+@pytest.mark.parametrize("text", [
+    "status in (404, 500) or not (bytes < 1000)",
+    "method is not None and 0 < latency_ms <= 100",
+    "col('status') != 200",
+    "bytes > -5 and method not in ['PUT']",
+])
+def test_filter_string_forms(client: flightcache.Client, text: str) -> None:
+    """The string form matches the equivalent pyarrow expression."""
+    from flightcache.filters import parse_filter
+
+    table = logs_table(3000)
+    client.put("logs", table)
+    assert client.get("logs", filter=text).equals(table.filter(parse_filter(text)))
+
+
+def test_bad_column_and_filter_fail_at_flight_info(client: flightcache.Client) -> None:
+    client.put("logs", logs_table(10))
+    with pytest.raises(InvalidRequestError, match="no column"):
+        client.get("logs", columns=["nope"])
+    with pytest.raises(InvalidRequestError, match="cannot parse filter"):
+        client.get("logs", filter="status >")
+    with pytest.raises(InvalidRequestError, match="unsupported filter"):
+        client.get("logs", filter="__import__('os').system('true')")
+    with pytest.raises(InvalidRequestError, match="cannot apply filter"):
+        client.get("logs", filter="nope == 1")
+
+
+# -- snapshots and concurrency ---------------------------------------------------------------------
+
+
+def test_reader_with_ticket_for_old_version_finishes_it(client: flightcache.Client) -> None:
+    """Tickets pin a version: a reader that got the flight info of N reads N after N+1 is published."""
+    client.put("snap", pa.table({"v": [1] * 100}))
+    info = client.flight_info("snap")
+    client.put("snap", pa.table({"v": [2] * 50}))
+    old = client.flight.do_get(info.endpoints[0].ticket).read_all()
+    assert old["v"].to_pylist() == [1] * 100
+    assert client.get("snap")["v"].to_pylist() == [2] * 50
+
+
+def test_concurrent_readers_while_writer_replaces(client: flightcache.Client) -> None:
+    """Readers over Flight never see a torn or mixed version while a writer keeps replacing."""
+    rows = 50_000
+    client.put("hot", pa.table({"v": np.zeros(rows, dtype=np.int64)}))
+    errors: list[str] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(1, 25):
+            client.put("hot", pa.table({"v": np.full(rows, i, dtype=np.int64)}))
+        done.set()
+
+    def reader() -> None:
+        c = flightcache.connect(client.uri)
+        while not done.is_set():
+            t = c.get("hot")
+            values = pc.unique(t["v"]).to_pylist()
+            if t.num_rows != rows or len(values) != 1:
+                errors.append(f"{t.num_rows} rows, values {values}")
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert client.get("hot")["v"][0].as_py() == 24
+
+
+PUT_THEN_DIE = textwrap.dedent("""
+    import os, sys, pyarrow as pa, pyarrow.flight as flight
+    client = flight.connect(sys.argv[1])
+    schema = pa.schema([("v", pa.int64())])
+    writer, _ = client.do_put(flight.FlightDescriptor.for_path("victim"), schema)
+    for _ in range(20):
+        writer.write_batch(pa.record_batch([pa.array([2] * 1000)], schema=schema))
+    print("sent", flush=True)
+    sys.stdin.readline()
+    os._exit(9)  # die mid-stream, without closing the writer
+""")
+
+
+def test_client_killed_mid_put_leaves_old_version(client: flightcache.Client, server: FlightcacheServer) -> None:
+    """A client process that dies mid-put publishes nothing: the old version stays, memory is freed."""
+    client.put("victim", pa.table({"v": pa.array([1] * 10, pa.int64())}))
+    with subprocess.Popen([sys.executable, "-c", PUT_THEN_DIE, client.uri], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "sent"
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 9
+    deadline = time.monotonic() + 10
+    while server.stats()["puts_aborted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stats()["puts_aborted"] == 1
+    back = client.get("victim")
+    assert back["v"].to_pylist() == [1] * 10
+    assert client.info("victim")["version"] == 1
+    assert server.stats()["memory_staged"] == 0
+
+
+def test_short_stream_with_announced_rows_is_refused(client: flightcache.Client) -> None:
+    """A put that announces N rows and ends early publishes nothing."""
+    client.put("short", logs_table(5))
+    schema = logs_table(0).schema
+    from flightcache.protocol import PutOptions
+
+    writer, _ = client.flight.do_put(flight.FlightDescriptor.for_path("short"), schema)
+    with pytest.raises(flight.FlightError) as err:
+        writer.write_metadata(PutOptions(expect_rows=100).to_bytes())
+        writer.write_table(logs_table(10))
+        writer.close()
+    assert isinstance(error_from_flight(err.value), PutAbortedError)
+    assert client.info("short")["rows"] == 5
+
+
+# -- a plain pyarrow.flight client -----------------------------------------------------------------
+
+
+def test_plain_pyarrow_flight_client_reads_and_writes(uri: str) -> None:
+    """No flightcache import needed: for_path descriptors, endpoints, app_metadata put options, actions."""
+    plain = flight.connect(uri)
+    table = logs_table(1000)
+    writer, results = plain.do_put(flight.FlightDescriptor.for_path("plain/t"), table.schema)
+    writer.write_table(table)
+    writer.done_writing()
+    answer = json.loads(results.read().to_pybytes())
+    writer.close()
+    assert answer["rows"] == 1000 and answer["version"] == 1
+
+    writer, _ = plain.do_put(flight.FlightDescriptor.for_path("plain/t"), table.schema)
+    writer.write_with_metadata(table.to_batches()[0], b'{"mode": "append"}')
+    writer.close()
+    info = plain.get_flight_info(flight.FlightDescriptor.for_path("plain/t"))
+    assert info.total_records == 1000 + table.to_batches()[0].num_rows
+    got = pa.concat_tables([plain.do_get(e.ticket).read_all() for e in info.endpoints])
+    assert got.slice(0, 1000).equals(table)
+
+    command = json.dumps({"name": "plain/t2", "mode": "create"}).encode()
+    writer, _ = plain.do_put(flight.FlightDescriptor.for_command(command), table.schema)
+    writer.write_table(table)
+    writer.close()
+
+    names = sorted(f.descriptor.path[0].decode() for f in plain.list_flights())
+    assert names == ["plain/t", "plain/t2"]
+    actions = {a.type for a in plain.list_actions()}
+    assert {"drop", "info", "stats", "list"} <= actions
+    info_body = json.loads(next(iter(plain.do_action(flight.Action("info", b"plain/t")))).body.to_pybytes())
+    assert info_body["rows"] == info.total_records
+    read = json.dumps({"name": "plain/t", "columns": ["status"], "filter": "status == 500"}).encode()
+    info = plain.get_flight_info(flight.FlightDescriptor.for_command(read))
+    filtered = pa.concat_tables([plain.do_get(e.ticket).read_all() for e in info.endpoints])
+    assert filtered.column_names == ["status"] and set(filtered["status"].to_pylist()) == {500}
+    list(plain.do_action(flight.Action("drop", b'{"name": "plain/t"}')))
+    assert [f.descriptor.path[0].decode() for f in plain.list_flights()] == ["plain/t2"]
+
+
+# -- bad input: a clear error, and the server keeps serving -------------------------------------------
+
+
+def _code(err: flight.FlightError) -> str:
+    return json.loads(err.extra_info)["code"]
+
+
+@pytest.mark.parametrize("ticket", [b"", b"garbage", b"\xff\xfe", b"[]", b'{"v": 2}', b'{"name": "x"}',
+                                    b'{"name": "x", "version": "1", "start": 0, "end": 1}',
+                                    b'{"name": "x", "version": 1, "start": 0, "end": 1, "evil": 1}',
+                                    b'{"name": "x", "version": true, "start": 0, "end": 1}',
+                                    b"{" * 100_000])
+def test_malformed_tickets(uri: str, client: flightcache.Client, ticket: bytes) -> None:
+    plain = flight.connect(uri)
+    with pytest.raises(flight.FlightServerError) as err:
+        plain.do_get(flight.Ticket(ticket)).read_all()
+    assert _code(err.value) == "INVALID_REQUEST"
+    assert "Traceback" not in str(err.value)
+    client.put("alive", logs_table(3))  # still serving
+    assert client.get("alive").num_rows == 3
+
+
+def test_ticket_out_of_range_and_unknown_dataset(uri: str, client: flightcache.Client) -> None:
+    client.put("x", logs_table(3))
+    plain = flight.connect(uri)
+    bad_range = json.dumps({"name": "x", "version": 1, "start": 0, "end": 9}).encode()
+    with pytest.raises(flight.FlightServerError, match="batch range"):
+        plain.do_get(flight.Ticket(bad_range)).read_all()
+    with pytest.raises(flight.FlightServerError, match="dataset 'y' not found") as err:
+        plain.get_flight_info(flight.FlightDescriptor.for_path("y"))
+    assert _code(err.value) == "DATASET_NOT_FOUND"
+    with pytest.raises(DatasetNotFoundError, match="'y'"):
+        client.get("y")
+
+
+@pytest.mark.parametrize("action,body,code", [
+    ("drop", b'{"name": 3}', "INVALID_REQUEST"),
+    ("drop", b'{"nam": "x"}', "INVALID_REQUEST"),
+    ("drop", b"{not json", "INVALID_REQUEST"),
+    ("info", b"\xff\xfe", "INVALID_REQUEST"),
+    ("info", b"../etc/passwd", "INVALID_NAME"),
+    ("info", b"missing", "DATASET_NOT_FOUND"),
+    ("explode", b"", "INVALID_REQUEST"),
+])
+def test_bad_actions(uri: str, action: str, body: bytes, code: str) -> None:
+    with pytest.raises(flight.FlightError) as err:
+        list(flight.connect(uri).do_action(flight.Action(action, body)))
+    assert _code(err.value) == code
+
+
+@pytest.mark.parametrize("path", [[], [b"a", b"b"], [b"Bad Name"], ["ü\x00".encode()]])
+def test_bad_descriptors(uri: str, path: list[bytes]) -> None:
+    plain = flight.connect(uri)
+    with pytest.raises(flight.FlightServerError) as err:
+        plain.get_flight_info(flight.FlightDescriptor.for_path(*path))
+    assert _code(err.value) in {"INVALID_REQUEST", "INVALID_NAME"}
+
+
+def test_put_errors_come_back_typed(client: flightcache.Client) -> None:
+    client.put("a", logs_table(10), mode="create")
+    with pytest.raises(DatasetExistsError):
+        client.put("a", logs_table(10), mode="create")
+    with pytest.raises(SchemaMismatchError, match="appended schema"):
+        client.put("a", logs_table(10).select(["status"]), mode="append")
+    with pytest.raises(InvalidNameError):
+        client.put("Not Valid", logs_table(1))
+    with pytest.raises(InvalidRequestError, match="unknown put mode"):
+        client.put("a", logs_table(1), mode="merge")
+    with pytest.raises(InvalidRequestError, match="cannot put a dict"):
+        client.put("a", {"a": [1]})
+    assert client.info("a")["rows"] == 10
+
+
+def test_memory_full_over_flight() -> None:
+    """A put over the limit is refused with the limit in the message; existing data stays."""
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(memory_limit=2_000_000))
+    try:
+        c = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
+        c.put("small", pa.table({"x": np.arange(100_000)}))
+        with pytest.raises(MemoryFullError, match="memory full.*'big'.*limit"):
+            c.put("big", pa.table({"x": np.arange(1_000_000)}))
+        assert [d["name"] for d in c.list()] == ["small"]
+        assert c.stats()["memory_staged"] == 0
+    finally:
+        srv.shutdown()
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    c = flightcache.connect("grpc://127.0.0.1:1", timeout=5)
+    with pytest.raises(ServerUnavailableError, match="grpc://127.0.0.1:1.*flightcache serve"):
+        c.list()
+
+
+@pytest.mark.parametrize("cls", [c for c in ERRORS_BY_CODE.values() if c is not FlightcacheError])
+def test_every_error_class_round_trips(cls: type[FlightcacheError]) -> None:
+    """server exception -> Flight error -> the same client exception, message intact."""
+    err = error_to_flight(cls("dataset 'x': something went wrong"))
+    back = error_from_flight(err)
+    assert type(back) is cls
+    assert str(back) == "dataset 'x': something went wrong"
+
+
+def test_client_pickles_as_settings_and_reconnects(client: flightcache.Client) -> None:
+    import pickle
+
+    client.put("p", logs_table(3))
+    clone = pickle.loads(pickle.dumps(client))
+    assert clone.uri == client.uri and clone._conn is None
+    assert clone.get("p").num_rows == 3
+
+
+def test_stats_counts(client: flightcache.Client) -> None:
+    client.put("s", logs_table(100))
+    client.get("s")
+    s = client.stats()
+    assert s["datasets"] == 1 and s["puts"] == 1 and s["gets"] >= 1
+    assert s["memory_used"] == client.info("s")["bytes"] > 0
+    assert s["bytes_served"] > 0 and s["memory_limit"] == 512 * 1024 * 1024
