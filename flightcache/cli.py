@@ -33,12 +33,22 @@ FILTER_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--uri", default=os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI,
-                        help="server address, grpc://HOST:PORT (default: %(default)s)")
-    common.add_argument("--output", choices=("text", "json"), default="text",
-                        help="text for people, json for scripts (default: %(default)s)")
-    common.add_argument("--log-level", default=os.environ.get("FLIGHTCACHE_LOG_LEVEL", "WARNING"),
-                        help="DEBUG, INFO, WARNING or ERROR (default: $FLIGHTCACHE_LOG_LEVEL or WARNING)")
+    common.add_argument(
+        "--uri",
+        default=os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI,
+        help="server address, grpc://HOST:PORT (default: %(default)s)",
+    )
+    common.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text for people, json for scripts (default: %(default)s)",
+    )
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("FLIGHTCACHE_LOG_LEVEL", "WARNING"),
+        help="DEBUG, INFO, WARNING or ERROR (default: $FLIGHTCACHE_LOG_LEVEL or WARNING)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="flightcache",
@@ -49,44 +59,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", parents=[common], help="run a flightcache server",
-                           description="Run a flightcache server until SIGINT or SIGTERM.")
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run a flightcache server",
+        description="Run a flightcache server until SIGINT or SIGTERM.",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8815, help="port to listen on; 0 picks a free one (default: %(default)s)")
-    serve.add_argument("--memory-limit", default="4GiB", help="bound on dataset bytes held, e.g. 4GiB, 512MB (default: %(default)s)")
-    serve.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS,
-                       help="rows per stored record batch; larger batches are sliced, small ones coalesced (default: %(default)s)")
-    serve.add_argument("--endpoint-bytes", default="128MiB",
-                       help="split a dataset into one Flight endpoint per this many bytes, for parallel reads (default: %(default)s)")
-    serve.add_argument("--retain-seconds", type=float, default=60.0,
-                       help="keep a replaced version readable this long for readers already on it (default: %(default)s)")
+    serve.add_argument(
+        "--port", type=int, default=8815, help="port to listen on; 0 picks a free one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--memory-limit", default="4GiB", help="bound on dataset bytes held, e.g. 4GiB, 512MB (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--batch-rows",
+        type=int,
+        default=DEFAULT_BATCH_ROWS,
+        help="rows per stored record batch; larger batches are sliced, small ones coalesced (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--endpoint-bytes",
+        default="128MiB",
+        help="split a dataset into one Flight endpoint per this many bytes, for parallel reads (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--retain-seconds",
+        type=float,
+        default=60.0,
+        help="keep a replaced version readable this long for readers already on it (default: %(default)s)",
+    )
 
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
 
-    info = sub.add_parser("info", parents=[common], help="describe a dataset",
-                          description="Show a dataset's schema, rows, bytes, version and times.")
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="describe a dataset",
+        description="Show a dataset's schema, rows, bytes, version and times.",
+    )
     info.add_argument("name")
 
-    put = sub.add_parser("put", parents=[common], help="put a Parquet file or directory as a dataset",
-                         description="Stream a Parquet file (or a directory of them) into the cache as dataset NAME.")
+    put = sub.add_parser(
+        "put",
+        parents=[common],
+        help="put a Parquet file or directory as a dataset",
+        description="Stream a Parquet file (or a directory of them) into the cache as dataset NAME.",
+    )
     put.add_argument("name")
     put.add_argument("path", help="a .parquet file or a directory of Parquet files")
-    put.add_argument("--mode", choices=("overwrite", "append", "create"), default="overwrite",
-                     help="overwrite replaces, append adds rows (same schema), create fails if NAME exists (default: %(default)s)")
+    put.add_argument(
+        "--mode",
+        choices=("overwrite", "append", "create"),
+        default="overwrite",
+        help="overwrite replaces, append adds rows (same schema), create fails if NAME exists (default: %(default)s)",
+    )
 
-    get = sub.add_parser("get", parents=[common], help="read a dataset (to a Parquet file or the terminal)",
-                         description="Read a dataset. With -o, write it to a Parquet file; else print its first rows.")
+    get = sub.add_parser(
+        "get",
+        parents=[common],
+        help="read a dataset (to a Parquet file or the terminal)",
+        description="Read a dataset. With -o, write it to a Parquet file; else print its first rows.",
+    )
     get.add_argument("name")
     get.add_argument("-o", "--out", help="write the result to this Parquet file")
     get.add_argument("--columns", help="comma-separated columns to read (default: all)")
     get.add_argument("--filter", help=FILTER_HELP)
     get.add_argument("--limit", type=int, default=20, help="rows to print without -o (default: %(default)s)")
 
-    drop = sub.add_parser("drop", parents=[common], help="drop a dataset", description="Drop a dataset and free its memory.")
+    drop = sub.add_parser(
+        "drop", parents=[common], help="drop a dataset", description="Drop a dataset and free its memory."
+    )
     drop.add_argument("name")
 
-    sub.add_parser("stats", parents=[common], help="show server figures",
-                   description="Show memory used and limit, dataset count and request counters.")
+    sub.add_parser(
+        "stats",
+        parents=[common],
+        help="show server figures",
+        description="Show memory used and limit, dataset count and request counters.",
+    )
     return parser
 
 
@@ -111,8 +162,9 @@ def serve(args: argparse.Namespace) -> int:
     from .store import Store
 
     store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
-    server = FlightcacheServer(f"grpc://{args.host}:{args.port}", store=store,
-                               endpoint_bytes=parse_bytes(args.endpoint_bytes))
+    server = FlightcacheServer(
+        f"grpc://{args.host}:{args.port}", store=store, endpoint_bytes=parse_bytes(args.endpoint_bytes)
+    )
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
@@ -124,8 +176,11 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     uri = f"grpc://{args.host}:{server.port}"
-    _emit(args, {"uri": uri, "memory_limit": store.memory_limit, "pid": os.getpid()},
-          f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, pid {os.getpid()})")
+    _emit(
+        args,
+        {"uri": uri, "memory_limit": store.memory_limit, "pid": os.getpid()},
+        f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, pid {os.getpid()})",
+    )
     sys.stdout.flush()
     while not stopping.wait(0.2):
         pass
@@ -136,21 +191,39 @@ def serve(args: argparse.Namespace) -> int:
 
 def cmd_ls(client: Client, args: argparse.Namespace) -> int:
     datasets = client.list()
-    rows = [[d["name"], str(d["version"]), f"{d['rows']:,}", format_bytes(d["bytes"]), _time(d["created"]),
-             _time(d["last_read"])] for d in datasets]
-    _emit(args, datasets, _table(["NAME", "VERSION", "ROWS", "SIZE", "CREATED", "LAST READ"], rows)
-          if rows else "no datasets")
+    rows = [
+        [
+            d["name"],
+            str(d["version"]),
+            f"{d['rows']:,}",
+            format_bytes(d["bytes"]),
+            _time(d["created"]),
+            _time(d["last_read"]),
+        ]
+        for d in datasets
+    ]
+    _emit(
+        args,
+        datasets,
+        _table(["NAME", "VERSION", "ROWS", "SIZE", "CREATED", "LAST READ"], rows) if rows else "no datasets",
+    )
     return 0
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
     d = client.info(args.name)
-    text = "\n".join([
-        f"name:      {d['name']}", f"version:   {d['version']}", f"rows:      {d['rows']:,}",
-        f"size:      {format_bytes(d['bytes'])} ({d['bytes']:,} bytes in {d['batches']} batches)",
-        f"created:   {_time(d['created'])}", f"last read: {_time(d['last_read'])}",
-        "schema:", "  " + d["schema"].replace("\n", "\n  "),
-    ])
+    text = "\n".join(
+        [
+            f"name:      {d['name']}",
+            f"version:   {d['version']}",
+            f"rows:      {d['rows']:,}",
+            f"size:      {format_bytes(d['bytes'])} ({d['bytes']:,} bytes in {d['batches']} batches)",
+            f"created:   {_time(d['created'])}",
+            f"last read: {_time(d['last_read'])}",
+            "schema:",
+            "  " + d["schema"].replace("\n", "\n  "),
+        ]
+    )
     _emit(args, d, text)
     return 0
 
@@ -167,8 +240,11 @@ def cmd_put(client: Client, args: argparse.Namespace) -> int:
     reader = dataset.scanner(batch_size=client.batch_rows).to_reader()
     result = client.put(args.name, reader, mode=args.mode, progress=bar.update)
     bar.close()
-    _emit(args, result, f"put {result['name']}: version {result['version']}, {result['rows']:,} rows, "
-                        f"{format_bytes(result['bytes'])}")
+    _emit(
+        args,
+        result,
+        f"put {result['name']}: version {result['version']}, {result['rows']:,} rows, {format_bytes(result['bytes'])}",
+    )
     return 0
 
 
@@ -203,7 +279,9 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
         bar.close()
-    _emit(args, {"name": args.name, "rows": rows, "path": args.out}, f"wrote {rows:,} rows of {args.name} to {args.out}")
+    _emit(
+        args, {"name": args.name, "rows": rows, "path": args.out}, f"wrote {rows:,} rows of {args.name} to {args.out}"
+    )
     return 0
 
 
@@ -253,8 +331,9 @@ class _Progress:
             self.shown = now
             rate = self.nbytes / max(now - self.started, 1e-9)
             done = f" {100 * self.rows / self.total:5.1f}%" if self.total else ""
-            sys.stderr.write(f"\r{self.label}:{done} {self.rows:,} rows, {format_bytes(self.nbytes)} "
-                             f"({format_bytes(rate)}/s)   ")
+            sys.stderr.write(
+                f"\r{self.label}:{done} {self.rows:,} rows, {format_bytes(self.nbytes)} ({format_bytes(rate)}/s)   "
+            )
             sys.stderr.flush()
 
     def close(self) -> None:
@@ -268,7 +347,9 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    )
 
 
 def _time(ts: float | None) -> str:

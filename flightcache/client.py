@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.flight as flight
 
 from .errors import InvalidRequestError
-from .protocol import PutOptions, ReadRequest, error_from_flight
+from .filters import parse_filter
+from .protocol import PutOptions, ReadRequest, Ticket, error_from_flight
 from .store import DEFAULT_BATCH_ROWS, validate_name
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
@@ -60,8 +61,12 @@ class Client:
     # -- connection, pickling --------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "timeout": self.timeout, "parallelism": self.parallelism,
-                "batch_rows": self.batch_rows}
+        return {
+            "uri": self.uri,
+            "timeout": self.timeout,
+            "parallelism": self.parallelism,
+            "batch_rows": self.batch_rows,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -144,12 +149,15 @@ class Client:
         else:
             request = ReadRequest(name, list(columns) if columns is not None else None, version=version)
             if isinstance(filter, pc.Expression):
-                full = self._call(lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_path(name), self._options()))
+                full = self._call(
+                    lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_path(name), self._options())
+                )
                 if version is None:
-                    version = json.loads(full.endpoints[0].ticket.ticket)["version"]
+                    version = Ticket.from_bytes(full.endpoints[0].ticket.ticket).version
                 encoded = base64.b64encode(filter.to_substrait(full.schema)).decode()
                 request = ReadRequest(name, request.columns, filter_substrait=encoded, version=version)
             elif filter is not None:
+                parse_filter(str(filter))  # a syntax error is reported before any round trip
                 request = ReadRequest(name, request.columns, filter=str(filter), version=version)
             descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         return self._call(lambda: self.flight.get_flight_info(descriptor, self._options()))
@@ -204,8 +212,9 @@ class Client:
                 if chunk.data is not None:
                     yield chunk.data
 
-    def to_pandas(self, name: str, columns: list[str] | None = None, filter: str | pc.Expression | None = None,
-                  **kwargs: Any) -> Any:
+    def to_pandas(
+        self, name: str, columns: list[str] | None = None, filter: str | pc.Expression | None = None, **kwargs: Any
+    ) -> Any:
         """Read a dataset into a pandas DataFrame (keyword arguments go to ``Table.to_pandas``)."""
         return self.get(name, columns, filter).to_pandas(**kwargs)
 

@@ -91,6 +91,4 @@ def require(module: str, extra: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise NotInstalledError(
-            f"{module} is not installed; install it with: pip install 'flightcache[{extra}]'"
-        )
+        raise NotInstalledError(f"{module} is not installed; install it with: pip install 'flightcache[{extra}]'")

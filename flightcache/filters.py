@@ -40,7 +40,9 @@ def parse_filter(text: str) -> pc.Expression:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
-        raise InvalidRequestError(f"cannot parse filter {text!r}: {e.msg}; example: \"status >= 500 and method == 'GET'\"") from e
+        raise InvalidRequestError(
+            f"cannot parse filter {text!r}: {e.msg}; example: \"status >= 500 and method == 'GET'\""
+        ) from e
     try:
         return _expr(tree.body)
     except RecursionError as e:
@@ -65,7 +67,7 @@ def _expr(node: ast.expr) -> pc.Expression:
     if isinstance(node, ast.Compare):
         terms = [node.left, *node.comparators]
         result = None
-        for left, op, right in zip(terms, node.ops, terms[1:]):
+        for left, op, right in zip(terms, node.ops, terms[1:], strict=False):
             part = _comparison(left, op, right)
             result = part if result is None else result & part
         assert result is not None
@@ -96,8 +98,12 @@ def _operand(node: ast.expr) -> Any:
     if isinstance(node, ast.Name):
         return pc.field(node.id)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "col":
-        if len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        if (
+            len(node.args) == 1
+            and not node.keywords
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             return pc.field(node.args[0].value)
         raise _Unsupported("col() takes one string, the column name")
     return pc.scalar(_literal(node))

@@ -70,15 +70,20 @@ class _Message:
         if unknown:
             raise InvalidRequestError(f"{cls._what} has unknown field(s) {unknown}; known: {sorted(known)}")
         for key, value in obj.items():
-            if value is not None and not isinstance(value, cls._types[key]) or isinstance(value, bool) and bool not in cls._types[key]:
+            if value is not None and not _has_type(value, cls._types[key]):
                 raise InvalidRequestError(f"{cls._what} field {key!r} has the wrong type: {value!r}")
-        if "columns" in obj and obj["columns"] is not None:
-            if not all(isinstance(c, str) for c in obj["columns"]):
-                raise InvalidRequestError(f"{cls._what} field 'columns' must be a list of strings")
+        if not all(isinstance(c, str) for c in obj.get("columns") or []):
+            raise InvalidRequestError(f"{cls._what} field 'columns' must be a list of strings")
         try:
             return cls(**obj)
         except TypeError as e:  # a required field is missing
             raise InvalidRequestError(f"{cls._what} is incomplete: {e}") from e
+
+
+def _has_type(value: object, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # JSON true is not an int here
+        return bool in types
+    return isinstance(value, types)
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,15 @@ class Ticket(_Message):
     filter: str | None = None
     filter_substrait: str | None = None
 
-    _types = {"name": (str,), "version": (int,), "start": (int,), "end": (int,), "columns": (list,),
-              "filter": (str,), "filter_substrait": (str,)}
+    _types = {
+        "name": (str,),
+        "version": (int,),
+        "start": (int,),
+        "end": (int,),
+        "columns": (list,),
+        "filter": (str,),
+        "filter_substrait": (str,),
+    }
     _what = "ticket"
 
     def read_request(self) -> ReadRequest:
@@ -199,7 +211,7 @@ def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
     message = _clean_message(str(exc))
     if code in ERRORS_BY_CODE:
         prefix = f"[{code}] "
-        return ERRORS_BY_CODE[code](message[len(prefix):] if message.startswith(prefix) else message)
+        return ERRORS_BY_CODE[code](message[len(prefix) :] if message.startswith(prefix) else message)
     if isinstance(exc, flight.FlightUnavailableError):
         return ServerUnavailableError(
             f"cannot reach the flightcache server at {uri or 'the given URI'} ({message}); "

@@ -55,8 +55,7 @@ def _translated(fn: F) -> F:
         except Exception as e:
             log.exception("%s failed", fn.__name__)
             raise flight.FlightInternalError(
-                f"[INTERNAL] internal server error in {fn.__name__} ({type(e).__name__}: {e}); "
-                "see the server log",
+                f"[INTERNAL] internal server error in {fn.__name__} ({type(e).__name__}: {e}); see the server log",
                 extra_info=b'{"code":"INTERNAL"}',
             ) from None
 
@@ -82,7 +81,11 @@ class FlightcacheServer(flight.FlightServerBase):
         self.max_endpoints = max_endpoints
         self._counters_lock = threading.Lock()
         self._counters: dict[str, int] = {
-            "gets": 0, "puts": 0, "puts_aborted": 0, "bytes_served": 0, "bytes_received": 0,
+            "gets": 0,
+            "puts": 0,
+            "puts_aborted": 0,
+            "bytes_served": 0,
+            "bytes_received": 0,
         }
         self.started = time.time()
 
@@ -98,11 +101,15 @@ class FlightcacheServer(flight.FlightServerBase):
         infos = []
         for info in self.store.list():
             version = self.store.get(info.name)
-            infos.append(self._flight_info(version, ReadRequest(info.name), flight.FlightDescriptor.for_path(info.name)))
+            infos.append(
+                self._flight_info(version, ReadRequest(info.name), flight.FlightDescriptor.for_path(info.name))
+            )
         return infos
 
     @_translated
-    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
         name, command = descriptor_name(descriptor)
         request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
         version = self.store.get(request.name, request.version)
@@ -110,15 +117,18 @@ class FlightcacheServer(flight.FlightServerBase):
         self.store.scan(version, columns=request.columns, filter=_filter(request), batch_range=(0, 0))
         return self._flight_info(version, request, descriptor)
 
-    def _flight_info(self, version: Version, request: ReadRequest, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+    def _flight_info(
+        self, version: Version, request: ReadRequest, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
         schema = version.schema
         if request.columns is not None:
             schema = pa.schema([schema.field(c) for c in request.columns], metadata=schema.metadata)
         exact = request.filter is None and request.filter_substrait is None
         endpoints = [
             flight.FlightEndpoint(
-                Ticket(version.name, version.number, start, end, request.columns, request.filter,
-                       request.filter_substrait).to_bytes(),
+                Ticket(
+                    version.name, version.number, start, end, request.columns, request.filter, request.filter_substrait
+                ).to_bytes(),
                 [],  # no location: read it from this same server
             )
             for start, end in version.batch_ranges(self.endpoint_bytes, self.max_endpoints)
@@ -132,11 +142,9 @@ class FlightcacheServer(flight.FlightServerBase):
         t = Ticket.from_bytes(ticket.ticket)
         version = self.store.get(t.name, t.version)
         request = t.read_request()
-        reader = self.store.scan(
-            version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end)
-        )
+        reader = self.store.scan(version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end))
         if request.filter is None and request.filter_substrait is None:
-            self._count(gets=1, bytes_served=sum(b.nbytes for b in version.batches[t.start:t.end]))
+            self._count(gets=1, bytes_served=sum(b.nbytes for b in version.batches[t.start : t.end]))
         else:
             self._count(gets=1)
         return flight.RecordBatchStream(reader)
@@ -171,8 +179,7 @@ class FlightcacheServer(flight.FlightServerBase):
                 chunk = _next_chunk(reader)
             if context.is_cancelled():
                 raise PutAbortedError(
-                    f"put of dataset {name!r} was cancelled by the client after {rows} rows; "
-                    "nothing was published"
+                    f"put of dataset {name!r} was cancelled by the client after {rows} rows; nothing was published"
                 )
             if options.expect_rows is not None and options.expect_rows != rows:
                 raise PutAbortedError(
@@ -185,8 +192,15 @@ class FlightcacheServer(flight.FlightServerBase):
             self._count(puts_aborted=1)
             raise
         self._count(puts=1, bytes_received=staged.nbytes)
-        log.info("put %s v%d (%s): %d rows, %d bytes in %.3fs", name, version.number, options.mode,
-                 version.num_rows, version.nbytes, time.perf_counter() - started)
+        log.info(
+            "put %s v%d (%s): %d rows, %d bytes in %.3fs",
+            name,
+            version.number,
+            options.mode,
+            version.num_rows,
+            version.nbytes,
+            time.perf_counter() - started,
+        )
         result = {"name": name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
         writer.write(pa.py_buffer(json.dumps(result).encode()))
 

@@ -43,57 +43,76 @@ def logs_table(rows: int = 10_000, seed: int = 0) -> pa.Table:
     import random
 
     rnd = random.Random(seed)
-    return pa.table({
-        "ts": pa.array([dt.datetime(2026, 11, 24, tzinfo=dt.UTC) + dt.timedelta(seconds=i) for i in range(rows)],
-                       pa.timestamp("us", tz="UTC")),
-        "status": pa.array([rnd.choice([200, 200, 200, 304, 404, 500]) for _ in range(rows)], pa.int32()),
-        "method": pa.array([rnd.choice(["GET", "POST", "PUT"]) for _ in range(rows)], pa.string()),
-        "bytes": pa.array([rnd.randint(0, 100_000) for _ in range(rows)], pa.int64()),
-        "latency_ms": pa.array([rnd.random() * 500 for _ in range(rows)], pa.float64()),
-    })
+    return pa.table(
+        {
+            "ts": pa.array(
+                [dt.datetime(2026, 11, 24, tzinfo=dt.UTC) + dt.timedelta(seconds=i) for i in range(rows)],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "status": pa.array([rnd.choice([200, 200, 200, 304, 404, 500]) for _ in range(rows)], pa.int32()),
+            "method": pa.array([rnd.choice(["GET", "POST", "PUT"]) for _ in range(rows)], pa.string()),
+            "bytes": pa.array([rnd.randint(0, 100_000) for _ in range(rows)], pa.int64()),
+            "latency_ms": pa.array([rnd.random() * 500 for _ in range(rows)], pa.float64()),
+        }
+    )
 
 
 def every_type_table() -> pa.Table:
     """One column per Arrow type the store keeps, with nulls."""
     tz = dt.timezone(dt.timedelta(hours=5, minutes=30))
     n = 4
-    return pa.table({
-        "bool": pa.array([True, False, None, True]),
-        "int8": pa.array([1, -2, None, 127], pa.int8()),
-        "uint64": pa.array([0, 2**63, None, 1], pa.uint64()),
-        "float32": pa.array([1.5, None, -0.0, float("inf")], pa.float32()),
-        "float64": pa.array([1.5, None, -1e300, 2.0]),
-        "decimal128": pa.array([decimal.Decimal("1.23"), None, decimal.Decimal("-99999.99"), decimal.Decimal(0)],
-                               pa.decimal128(10, 2)),
-        "decimal256": pa.array([decimal.Decimal("1" * 40), None, decimal.Decimal(0), decimal.Decimal(-1)],
-                               pa.decimal256(50, 0)),
-        "date32": pa.array([dt.date(2026, 1, 1), None, dt.date(1970, 1, 1), dt.date(2100, 12, 31)]),
-        "ts_ns_utc": pa.array([1, None, 3, 4], pa.timestamp("ns", tz="UTC")),
-        "ts_us_zone": pa.array([dt.datetime(2026, 11, 24, 12, tzinfo=tz)] * 3 + [None], pa.timestamp("us", tz="Asia/Kolkata")),
-        "ts_ms_naive": pa.array([0, 1, None, 2], pa.timestamp("ms")),
-        "duration": pa.array([1, None, 3, 4], pa.duration("s")),
-        "time64": pa.array([1, None, 3, 4], pa.time64("us")),
-        "string": pa.array(["a", None, "", "ünïcode"]),
-        "large_string": pa.array(["x" * 10, None, "", "y"], pa.large_string()),
-        "binary": pa.array([b"\x00\x01", None, b"", b"z"]),
-        "large_binary": pa.array([b"\xff" * 3, None, b"", b"q"], pa.large_binary()),
-        "fixed_binary": pa.array([b"ab", b"cd", None, b"ef"], pa.binary(2)),
-        "dictionary": pa.array(["red", "green", None, "red"]).dictionary_encode(),
-        "list": pa.array([[1, 2], [], None, [3]], pa.list_(pa.int64())),
-        "large_list": pa.array([["a"], None, [], ["b", None]], pa.large_list(pa.string())),
-        "fixed_list": pa.array([[1.0, 2.0], None, [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float64(), 2)),
-        "struct": pa.array([{"x": 1, "y": "a"}, None, {"x": None, "y": "c"}, {"x": 4, "y": None}],
-                           pa.struct([("x", pa.int32()), ("y", pa.string())])),
-        "nested": pa.array([[{"k": [1, 2]}], None, [], [{"k": None}]],
-                           pa.list_(pa.struct([("k", pa.list_(pa.int16()))]))),
-        "map": pa.array([[("a", 1)], None, [], [("b", 2), ("c", None)]], pa.map_(pa.string(), pa.int64())),
-        "list_of_dict": pa.array([["p", "q"], None, [], ["p"]], pa.list_(pa.string())).cast(
-            pa.list_(pa.dictionary(pa.int32(), pa.string()))),
-        "null": pa.nulls(n),
-    })
+    return pa.table(
+        {
+            "bool": pa.array([True, False, None, True]),
+            "int8": pa.array([1, -2, None, 127], pa.int8()),
+            "uint64": pa.array([0, 2**63, None, 1], pa.uint64()),
+            "float32": pa.array([1.5, None, -0.0, float("inf")], pa.float32()),
+            "float64": pa.array([1.5, None, -1e300, 2.0]),
+            "decimal128": pa.array(
+                [decimal.Decimal("1.23"), None, decimal.Decimal("-99999.99"), decimal.Decimal(0)], pa.decimal128(10, 2)
+            ),
+            "decimal256": pa.array(
+                [decimal.Decimal("1" * 40), None, decimal.Decimal(0), decimal.Decimal(-1)], pa.decimal256(50, 0)
+            ),
+            "date32": pa.array([dt.date(2026, 1, 1), None, dt.date(1970, 1, 1), dt.date(2100, 12, 31)]),
+            "ts_ns_utc": pa.array([1, None, 3, 4], pa.timestamp("ns", tz="UTC")),
+            "ts_us_zone": pa.array(
+                [dt.datetime(2026, 11, 24, 12, tzinfo=tz)] * 3 + [None], pa.timestamp("us", tz="Asia/Kolkata")
+            ),
+            "ts_ms_naive": pa.array([0, 1, None, 2], pa.timestamp("ms")),
+            "duration": pa.array([1, None, 3, 4], pa.duration("s")),
+            "time64": pa.array([1, None, 3, 4], pa.time64("us")),
+            "string": pa.array(["a", None, "", "ünïcode"]),
+            "large_string": pa.array(["x" * 10, None, "", "y"], pa.large_string()),
+            "binary": pa.array([b"\x00\x01", None, b"", b"z"]),
+            "large_binary": pa.array([b"\xff" * 3, None, b"", b"q"], pa.large_binary()),
+            "fixed_binary": pa.array([b"ab", b"cd", None, b"ef"], pa.binary(2)),
+            "dictionary": pa.array(["red", "green", None, "red"]).dictionary_encode(),
+            "list": pa.array([[1, 2], [], None, [3]], pa.list_(pa.int64())),
+            "large_list": pa.array([["a"], None, [], ["b", None]], pa.large_list(pa.string())),
+            "fixed_list": pa.array([[1.0, 2.0], None, [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float64(), 2)),
+            "struct": pa.array(
+                [{"x": 1, "y": "a"}, None, {"x": None, "y": "c"}, {"x": 4, "y": None}],
+                pa.struct([("x", pa.int32()), ("y", pa.string())]),
+            ),
+            "nested": pa.array(
+                [[{"k": [1, 2]}], None, [], [{"k": None}]], pa.list_(pa.struct([("k", pa.list_(pa.int16()))]))
+            ),
+            "map": pa.array([[("a", 1)], None, [], [("b", 2), ("c", None)]], pa.map_(pa.string(), pa.int64())),
+            "list_of_dict": pa.array([["p", "q"], None, [], ["p"]], pa.list_(pa.string())).cast(
+                pa.list_(pa.dictionary(pa.int32(), pa.string()))
+            ),
+            "null": pa.nulls(n),
+        }
+    )
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the installed ``flightcache`` command."""
-    return subprocess.run([sys.executable, "-m", "flightcache.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "flightcache.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -68,8 +68,12 @@ def test_empty_and_chunked_tables(client: flightcache.Client) -> None:
 def test_large_binary_values(client: flightcache.Client) -> None:
     """Values of several MiB each, in large types, survive the trip."""
     blob = bytes(range(256)) * 16384  # 4 MiB
-    table = pa.table({"blob": pa.array([blob, b"", blob[:10]], pa.large_binary()),
-                      "text": pa.array(["é" * 1_000_000, "", None], pa.large_string())})
+    table = pa.table(
+        {
+            "blob": pa.array([blob, b"", blob[:10]], pa.large_binary()),
+            "text": pa.array(["é" * 1_000_000, "", None], pa.large_string()),
+        }
+    )
     client.put("blobs", table)
     assert client.get("blobs").equals(table)
 
@@ -136,12 +140,15 @@ def test_expression_filter_travels_as_substrait(client: flightcache.Client) -> N
     assert client.get("logs", filter=expr).equals(table.filter(expr))
 
 
-@pytest.mark.parametrize("text", [
-    "status in (404, 500) or not (bytes < 1000)",
-    "method is not None and 0 < latency_ms <= 100",
-    "col('status') != 200",
-    "bytes > -5 and method not in ['PUT']",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "status in (404, 500) or not (bytes < 1000)",
+        "method is not None and 0 < latency_ms <= 100",
+        "col('status') != 200",
+        "bytes > -5 and method not in ['PUT']",
+    ],
+)
 def test_filter_string_forms(client: flightcache.Client, text: str) -> None:
     """The string form matches the equivalent pyarrow expression."""
     from flightcache.filters import parse_filter
@@ -221,8 +228,9 @@ PUT_THEN_DIE = textwrap.dedent("""
 def test_client_killed_mid_put_leaves_old_version(client: flightcache.Client, server: FlightcacheServer) -> None:
     """A client process that dies mid-put publishes nothing: the old version stays, memory is freed."""
     client.put("victim", pa.table({"v": pa.array([1] * 10, pa.int64())}))
-    with subprocess.Popen([sys.executable, "-c", PUT_THEN_DIE, client.uri], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-c", PUT_THEN_DIE, client.uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "sent"
         proc.stdin.write("\n")
@@ -301,11 +309,21 @@ def _code(err: flight.FlightError) -> str:
     return json.loads(err.extra_info)["code"]
 
 
-@pytest.mark.parametrize("ticket", [b"", b"garbage", b"\xff\xfe", b"[]", b'{"v": 2}', b'{"name": "x"}',
-                                    b'{"name": "x", "version": "1", "start": 0, "end": 1}',
-                                    b'{"name": "x", "version": 1, "start": 0, "end": 1, "evil": 1}',
-                                    b'{"name": "x", "version": true, "start": 0, "end": 1}',
-                                    b"{" * 100_000])
+@pytest.mark.parametrize(
+    "ticket",
+    [
+        b"",
+        b"garbage",
+        b"\xff\xfe",
+        b"[]",
+        b'{"v": 2}',
+        b'{"name": "x"}',
+        b'{"name": "x", "version": "1", "start": 0, "end": 1}',
+        b'{"name": "x", "version": 1, "start": 0, "end": 1, "evil": 1}',
+        b'{"name": "x", "version": true, "start": 0, "end": 1}',
+        b"{" * 100_000,
+    ],
+)
 def test_malformed_tickets(uri: str, client: flightcache.Client, ticket: bytes) -> None:
     plain = flight.connect(uri)
     with pytest.raises(flight.FlightServerError) as err:
@@ -329,15 +347,18 @@ def test_ticket_out_of_range_and_unknown_dataset(uri: str, client: flightcache.C
         client.get("y")
 
 
-@pytest.mark.parametrize("action,body,code", [
-    ("drop", b'{"name": 3}', "INVALID_REQUEST"),
-    ("drop", b'{"nam": "x"}', "INVALID_REQUEST"),
-    ("drop", b"{not json", "INVALID_REQUEST"),
-    ("info", b"\xff\xfe", "INVALID_REQUEST"),
-    ("info", b"../etc/passwd", "INVALID_NAME"),
-    ("info", b"missing", "DATASET_NOT_FOUND"),
-    ("explode", b"", "INVALID_REQUEST"),
-])
+@pytest.mark.parametrize(
+    "action,body,code",
+    [
+        ("drop", b'{"name": 3}', "INVALID_REQUEST"),
+        ("drop", b'{"nam": "x"}', "INVALID_REQUEST"),
+        ("drop", b"{not json", "INVALID_REQUEST"),
+        ("info", b"\xff\xfe", "INVALID_REQUEST"),
+        ("info", b"../etc/passwd", "INVALID_NAME"),
+        ("info", b"missing", "DATASET_NOT_FOUND"),
+        ("explode", b"", "INVALID_REQUEST"),
+    ],
+)
 def test_bad_actions(uri: str, action: str, body: bytes, code: str) -> None:
     with pytest.raises(flight.FlightError) as err:
         list(flight.connect(uri).do_action(flight.Action(action, body)))
@@ -373,7 +394,7 @@ def test_memory_full_over_flight() -> None:
     try:
         c = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
         c.put("small", pa.table({"x": np.arange(100_000)}))
-        with pytest.raises(MemoryFullError, match="memory full.*'big'.*limit"):
+        with pytest.raises(MemoryFullError, match=r"memory full.*'big'.*limit"):
             c.put("big", pa.table({"x": np.arange(1_000_000)}))
         assert [d["name"] for d in c.list()] == ["small"]
         assert c.stats()["memory_staged"] == 0
@@ -383,7 +404,7 @@ def test_memory_full_over_flight() -> None:
 
 def test_unreachable_server_is_a_clear_error() -> None:
     c = flightcache.connect("grpc://127.0.0.1:1", timeout=5)
-    with pytest.raises(ServerUnavailableError, match="grpc://127.0.0.1:1.*flightcache serve"):
+    with pytest.raises(ServerUnavailableError, match=r"grpc://127\.0\.0\.1:1.*flightcache serve"):
         c.list()
 
 

@@ -1,0 +1,142 @@
+"""The flightcache command end to end: a real `flightcache serve` process and the client commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import logs_table, run_cli
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A `flightcache serve --port 0` process and its URI."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flightcache.cli",
+            "serve",
+            "--port",
+            "0",
+            "--memory-limit",
+            "256MiB",
+            "--output",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    while True:  # the JSON start-up message spans several lines
+        line = proc.stdout.readline()
+        assert line, f"server did not start: {proc.stderr.read() if proc.stderr else ''}"
+        lines.append(line)
+        if line.startswith("}"):
+            break
+    uri = json.loads("".join(lines))["uri"]
+    yield uri, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def test_commands_end_to_end(served: tuple[str, subprocess.Popen[str]], tmp_path: Path) -> None:
+    """put, ls, info, get (filter, columns, -o), stats and drop, as a user types them."""
+    uri, _ = served
+    table = logs_table(3000)
+    src = tmp_path / "in.parquet"
+    pq.write_table(table, src)
+
+    r = run_cli("put", "logs/raw", str(src), "--uri", uri)
+    assert r.returncode == 0, r.stderr
+    assert "version 1, 3,000 rows" in r.stdout
+
+    r = run_cli("ls", "--uri", uri)
+    assert r.returncode == 0 and "logs/raw" in r.stdout and "3,000" in r.stdout
+
+    r = run_cli("info", "logs/raw", "--uri", uri, "--output", "json")
+    info = json.loads(r.stdout)
+    assert info["rows"] == 3000 and "status: int32" in info["schema"]
+
+    out = tmp_path / "out.parquet"
+    r = run_cli(
+        "get", "logs/raw", "--uri", uri, "--columns", "status,method", "--filter", "status >= 500", "-o", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    got = pq.read_table(out)
+    assert got.column_names == ["status", "method"]
+    assert got.num_rows == sum(1 for s in table["status"].to_pylist() if s >= 500) > 0
+
+    r = run_cli("get", "logs/raw", "--uri", uri, "--limit", "3")
+    assert r.returncode == 0 and "3,000 rows, showing 3" in r.stdout
+
+    r = run_cli("put", "logs/raw", str(src), "--uri", uri, "--mode", "append")
+    assert "version 2, 6,000 rows" in r.stdout
+
+    r = run_cli("stats", "--uri", uri)
+    assert r.returncode == 0 and "memory used" in r.stdout and "256.0 MiB" in r.stdout
+
+    r = run_cli("drop", "logs/raw", "--uri", uri)
+    assert r.returncode == 0 and "dropped logs/raw" in r.stdout
+    assert "no datasets" in run_cli("ls", "--uri", uri).stdout
+
+
+def test_uri_from_environment(served: tuple[str, subprocess.Popen[str]]) -> None:
+    uri, _ = served
+    r = run_cli("ls", env={"FLIGHTCACHE_URI": uri})
+    assert r.returncode == 0 and "no datasets" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["get", "missing"], "dataset 'missing' not found"),
+        (["info", "Bad Name"], "invalid dataset name"),
+        (["get", "x", "--filter", "status >"], "cannot parse filter"),
+        (["put", "x", "/no/such/file.parquet"], "cannot read Parquet"),
+    ],
+)
+def test_errors_are_one_line_and_exit_1(
+    served: tuple[str, subprocess.Popen[str]], args: list[str], message: str
+) -> None:
+    uri, _ = served
+    r = run_cli(*args, "--uri", uri)
+    assert r.returncode == 1
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_server() -> None:
+    r = run_cli("ls", "--uri", "grpc://127.0.0.1:1")
+    assert r.returncode == 1 and "cannot reach the flightcache server" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_signal(served: tuple[str, subprocess.Popen[str]], sig: int) -> None:
+    _, proc = served
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_help_explains_every_command() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for command in ("serve", "ls", "info", "put", "get", "drop", "stats"):
+        assert command in r.stdout
+    r = run_cli("get", "--help")
+    assert "--filter" in r.stdout and "status >= 500" in r.stdout
+    r = run_cli("serve", "--help")
+    assert "--memory-limit" in r.stdout and "4GiB" in r.stdout
