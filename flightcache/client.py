@@ -24,7 +24,15 @@ import pyarrow.flight as flight
 
 from .errors import InvalidRequestError
 from .filters import parse_filter
-from .protocol import PutOptions, ReadRequest, Ticket, error_from_flight
+from .protocol import (
+    AbortRequest,
+    CommitRequest,
+    PutOptions,
+    ReadRequest,
+    Ticket,
+    encode_schema,
+    error_from_flight,
+)
 from .store import DEFAULT_BATCH_ROWS, validate_name
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
@@ -107,17 +115,27 @@ class Client:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, name: str, data: Any, mode: str = "overwrite", *, progress: Progress | None = None) -> dict[str, Any]:
+    def put(
+        self,
+        name: str,
+        data: Any,
+        mode: str = "overwrite",
+        *,
+        txn: str | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
         """Store ``data`` as dataset ``name``; returns {name, version, rows, bytes}.
 
         ``data``: a pyarrow Table, RecordBatch or RecordBatchReader, a pandas or polars DataFrame,
         or anything that exports the Arrow C stream interface. ``mode``: ``overwrite`` (default),
         ``append`` (the schema must match) or ``create`` (fails if the name exists). The new version
-        becomes visible only once every row has arrived.
+        becomes visible only once every row has arrived. With ``txn``, the data is staged as one
+        part of that transaction instead ({txn, part, rows, bytes} is returned) and becomes visible
+        with the others at ``commit``.
         """
         validate_name(name)
         reader, rows = _as_reader(data, self.batch_rows)
-        options = PutOptions(mode=mode, expect_rows=rows)
+        options = PutOptions(mode=mode, expect_rows=rows, txn=txn)
 
         def run() -> dict[str, Any]:
             writer, results = self.flight.do_put(flight.FlightDescriptor.for_path(name), reader.schema, self._options())
@@ -132,6 +150,23 @@ class Client:
             return json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
 
         return self._call(run)
+
+    def commit(
+        self,
+        txn: str,
+        name: str,
+        mode: str = "overwrite",
+        *,
+        parts: list[str] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> dict[str, Any]:
+        """Publish the parts staged under ``txn`` (all, or those listed) as one version of ``name``."""
+        request = CommitRequest(txn, validate_name(name), mode, parts, encode_schema(schema) if schema else None)
+        return self._action("commit", request)
+
+    def abort(self, txn: str) -> dict[str, Any]:
+        """Discard the parts staged under ``txn``."""
+        return self._action("abort", AbortRequest(txn))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -226,8 +261,11 @@ class Client:
 
     # -- catalog ---------------------------------------------------------------------------
 
-    def _action(self, kind: str, body: dict[str, Any] | None = None) -> Any:
-        payload = json.dumps(body).encode() if body is not None else b""
+    def _action(self, kind: str, body: dict[str, Any] | CommitRequest | AbortRequest | None = None) -> Any:
+        if isinstance(body, (CommitRequest, AbortRequest)):
+            payload = body.to_bytes()
+        else:
+            payload = json.dumps(body).encode() if body is not None else b""
 
         def run() -> Any:
             results = list(self.flight.do_action(flight.Action(kind, payload), self._options()))

@@ -22,6 +22,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from .errors import ERRORS_BY_CODE, FlightcacheError, InvalidRequestError, ServerUnavailableError
@@ -34,6 +35,9 @@ ACTIONS: dict[str, str] = {
     "info": 'Describe a dataset: schema, rows, bytes, version, times. Body: {"name": NAME} or the bare name.',
     "list": "List every dataset with its info. Body: empty.",
     "stats": "Server figures: memory used and limit, dataset count, request counters. Body: empty.",
+    "commit": 'Publish the parts staged by do_put with {"txn": ID} as one version. '
+    'Body: {"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all)}.',
+    "abort": 'Discard the parts staged under a transaction. Body: {"txn": ID}.',
 }
 
 
@@ -72,8 +76,9 @@ class _Message:
         for key, value in obj.items():
             if value is not None and not _has_type(value, cls._types[key]):
                 raise InvalidRequestError(f"{cls._what} field {key!r} has the wrong type: {value!r}")
-        if not all(isinstance(c, str) for c in obj.get("columns") or []):
-            raise InvalidRequestError(f"{cls._what} field 'columns' must be a list of strings")
+        for key in ("columns", "parts"):
+            if not all(isinstance(c, str) for c in obj.get(key) or []):
+                raise InvalidRequestError(f"{cls._what} field {key!r} must be a list of strings")
         try:
             return cls(**obj)
         except TypeError as e:  # a required field is missing
@@ -142,9 +147,46 @@ class PutOptions(_Message):
     name: str | None = None
     mode: str = "overwrite"
     expect_rows: int | None = None
+    txn: str | None = None  # stage as a part of this transaction instead of publishing
 
-    _types = {"name": (str,), "mode": (str,), "expect_rows": (int,)}
+    _types = {"name": (str,), "mode": (str,), "expect_rows": (int,), "txn": (str,)}
     _what = "put options"
+
+
+@dataclass(frozen=True)
+class CommitRequest(_Message):
+    """Publish the staged parts of a transaction (all, or those listed) as one new version."""
+
+    txn: str
+    name: str
+    mode: str = "overwrite"
+    parts: list[str] | None = None
+    schema: str | None = None  # base64 Arrow IPC schema, for a transaction with no parts
+
+    _types = {"txn": (str,), "name": (str,), "mode": (str,), "parts": (list,), "schema": (str,)}
+    _what = "commit request"
+
+    def arrow_schema(self) -> pa.Schema | None:
+        if self.schema is None:
+            return None
+        try:
+            return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.schema, validate=True)))
+        except (ValueError, pa.ArrowException) as e:
+            raise InvalidRequestError(f"commit of dataset {self.name!r}: 'schema' is not a base64 Arrow schema") from e
+
+
+@dataclass(frozen=True)
+class AbortRequest(_Message):
+    """Discard the staged parts of a transaction."""
+
+    txn: str
+
+    _types = {"txn": (str,)}
+    _what = "abort request"
+
+
+def encode_schema(schema: pa.Schema) -> str:
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
 
 
 def action_name(body: bytes, action: str) -> str:

@@ -23,6 +23,8 @@ from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
 from .filters import parse_filter
 from .protocol import (
     ACTIONS,
+    AbortRequest,
+    CommitRequest,
     PutOptions,
     ReadRequest,
     Ticket,
@@ -186,12 +188,19 @@ class FlightcacheServer(flight.FlightServerBase):
                     f"put of dataset {name!r} ended after {rows} of the {options.expect_rows} rows "
                     "the client announced; nothing was published, send it again"
                 )
-            version = staged.publish()
+            if options.txn is not None:
+                part = staged.stage(options.txn)
+            else:
+                version = staged.publish()
         except BaseException:
             staged.abort()
             self._count(puts_aborted=1)
             raise
         self._count(puts=1, bytes_received=staged.nbytes)
+        if options.txn is not None:
+            staged_part = {"txn": options.txn, "part": part, "rows": rows, "bytes": staged.nbytes}
+            writer.write(pa.py_buffer(json.dumps(staged_part).encode()))
+            return
         log.info(
             "put %s v%d (%s): %d rows, %d bytes in %.3fs",
             name,
@@ -223,6 +232,19 @@ class FlightcacheServer(flight.FlightServerBase):
             result = [i.to_dict() for i in self.store.list()]
         elif kind == "stats":
             result = self.stats()
+        elif kind == "commit":
+            c = CommitRequest.from_bytes(body)
+            version = self.store.commit(c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema())
+            log.info("committed %s v%d from transaction %s", version.name, version.number, c.txn)
+            result = {
+                "name": version.name,
+                "version": version.number,
+                "rows": version.num_rows,
+                "bytes": version.nbytes,
+            }
+        elif kind == "abort":
+            a = AbortRequest.from_bytes(body)
+            result = {"txn": a.txn, "parts_discarded": self.store.abort(a.txn)}
         else:
             raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
         return [json.dumps(result).encode()]

@@ -165,6 +165,15 @@ class _Entry:
 
 
 @dataclass
+class _Txn:
+    name: str
+    mode: str
+    schema: pa.Schema
+    parts: dict[str, StagedPut]
+    touched: float
+
+
+@dataclass
 class _Retained:
     version: Version
     until: float
@@ -179,6 +188,7 @@ class Store:
         *,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         retain_seconds: float = 60.0,
+        txn_timeout: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if batch_rows < 1:
@@ -186,6 +196,7 @@ class Store:
         self.memory_limit = memory_limit
         self.batch_rows = batch_rows
         self.retain_seconds = retain_seconds
+        self.txn_timeout = txn_timeout
         self._clock = clock
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
@@ -194,6 +205,7 @@ class Store:
         self._used = 0  # bytes of buffers held by published and retained versions
         self._staged = 0  # bytes of puts in progress
         self._next_version: dict[str, int] = {}
+        self._txns: dict[str, _Txn] = {}
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -219,6 +231,80 @@ class Store:
         except BaseException:
             staged.abort()
             raise
+
+    # -- multi-part writes (one part per Spark task, say), published together -----------------
+
+    def _stage_part(self, txn: str, staged: StagedPut) -> str:
+        with self._lock:
+            self._expire_retained()
+            t = self._txns.get(txn)
+            if t is None:
+                t = self._txns[txn] = _Txn(staged.name, staged.mode, staged.schema, {}, self._clock())
+            elif (t.name, t.mode) != (staged.name, staged.mode):
+                raise InvalidRequestError(
+                    f"transaction {txn!r} writes dataset {t.name!r} in mode {t.mode!r}; a part for "
+                    f"{staged.name!r} in mode {staged.mode!r} cannot join it"
+                )
+            elif not t.schema.equals(staged.schema):
+                raise SchemaMismatchError(
+                    f"a part of transaction {txn!r} for dataset {t.name!r} has a different schema.\n"
+                    f"first part:\n{_show(t.schema)}\nthis part:\n{_show(staged.schema)}"
+                )
+            part = f"{len(t.parts):06d}"
+            t.parts[part] = staged
+            t.touched = self._clock()
+            return part
+
+    def commit(
+        self,
+        txn: str,
+        name: str,
+        mode: str = "overwrite",
+        *,
+        parts: list[str] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> Version:
+        """Publish the staged parts of ``txn`` (all, or those listed, in that order) as one version.
+
+        Parts not listed are discarded (a retried task's first attempt, say). With no part staged,
+        ``schema`` gives the schema of the empty version.
+        """
+        validate_name(name)
+        with self._lock:
+            t = self._txns.pop(txn, None)
+        if t is None:
+            if parts:
+                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} has no staged parts (expired?)")
+            if schema is None:
+                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} is empty: give its schema")
+            t = _Txn(name, mode, schema, {}, self._clock())
+        chosen: list[StagedPut] = []
+        try:
+            if (t.name, t.mode) != (name, mode):
+                raise InvalidRequestError(
+                    f"transaction {txn!r} staged dataset {t.name!r} in mode {t.mode!r}, not {name!r} in {mode!r}"
+                )
+            keys = sorted(t.parts) if parts is None else parts
+            unknown = [k for k in keys if k not in t.parts]
+            if unknown:
+                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} has no part(s) {unknown}")
+            chosen = [t.parts.pop(k) for k in keys]
+        finally:
+            self._unreserve(sum(p.nbytes for p in t.parts.values()))  # parts not chosen
+        combined = StagedPut(self, name, t.schema, mode)
+        combined.batches = [b for p in chosen for b in p.batches]
+        combined.nbytes = sum(p.nbytes for p in chosen)
+        combined.num_rows = sum(p.num_rows for p in chosen)
+        return combined.publish()
+
+    def abort(self, txn: str) -> int:
+        """Discard every staged part of ``txn``; returns how many there were (0 if none)."""
+        with self._lock:
+            t = self._txns.pop(txn, None)
+        if t is None:
+            return 0
+        self._unreserve(sum(p.nbytes for p in t.parts.values()))
+        return len(t.parts)
 
     def _check_mode(self, name: str, schema: pa.Schema, mode: str) -> None:
         entry = self._entries.get(name)
@@ -387,6 +473,7 @@ class Store:
                 "memory_limit": self.memory_limit,
                 "dataset_bytes": sum(e.current.nbytes for e in self._entries.values()),
                 "retained_versions": len(self._retained),
+                "open_transactions": len(self._txns),
             }
 
     @property
@@ -426,6 +513,9 @@ class Store:
 
     def _expire_retained(self) -> None:
         self._release_retained(everything=False)
+        now = self._clock()
+        for txn in [k for k, t in self._txns.items() if t.touched + self.txn_timeout <= now]:
+            self.abort(txn)  # its writer went away without committing or aborting
 
     def _release_retained(self, everything: bool) -> None:
         now = self._clock()
@@ -513,6 +603,19 @@ class StagedPut:
         self._done = True
         self.batches = []
         return version
+
+    def stage(self, txn: str) -> str:
+        """Keep the batches as a part of transaction ``txn``, published by ``Store.commit``."""
+        self._flush_pending()
+        if self._done:
+            raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
+        try:
+            part = self.store._stage_part(txn, self)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True  # the transaction owns the batches and their reservation now
+        return part
 
     def abort(self) -> None:
         """Discard everything staged; nothing becomes visible."""

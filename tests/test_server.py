@@ -433,3 +433,55 @@ def test_stats_counts(client: flightcache.Client) -> None:
     assert s["datasets"] == 1 and s["puts"] == 1 and s["gets"] >= 1
     assert s["memory_used"] == client.info("s")["bytes"] > 0
     assert s["bytes_served"] > 0 and s["memory_limit"] == 512 * 1024 * 1024
+
+
+# -- multi-part transactions (the Spark writer's staging area) ----------------------------------------
+
+
+def test_transaction_parts_invisible_until_commit(client: flightcache.Client) -> None:
+    """Parts staged under a txn publish together, in the listed order, as one version."""
+    client.put("out", logs_table(3))
+    parts = [client.put("out", logs_table(100, seed=i), txn="job-1")["part"] for i in range(3)]
+    assert client.info("out")["rows"] == 3  # nothing visible yet
+    assert client.stats()["open_transactions"] == 1
+    result = client.commit("job-1", "out", parts=[parts[2], parts[0]])  # part 1: a failed attempt
+    assert result["rows"] == 200 and result["version"] == 2
+    got = client.get("out")
+    assert got.equals(pa.concat_tables([logs_table(100, seed=2), logs_table(100, seed=0)]))
+    s = client.stats()
+    assert s["open_transactions"] == 0 and s["memory_staged"] == 0
+
+
+def test_transaction_abort_discards_parts(client: flightcache.Client) -> None:
+    client.put("out", logs_table(3))
+    client.put("out", logs_table(100), txn="job-2")
+    assert client.abort("job-2")["parts_discarded"] == 1
+    assert client.info("out")["rows"] == 3
+    assert client.stats()["memory_staged"] == 0
+    with pytest.raises(InvalidRequestError, match="no staged parts"):
+        client.commit("job-2", "out", parts=["000000"])
+
+
+def test_empty_transaction_commits_schema(client: flightcache.Client) -> None:
+    schema = logs_table(0).schema
+    client.commit("job-3", "empty", schema=schema)
+    assert client.get("empty").schema.equals(schema)
+
+
+def test_transaction_append_checks_schema_and_mode(client: flightcache.Client) -> None:
+    client.put("out", logs_table(3))
+    client.put("out", logs_table(5), mode="append", txn="job-4")
+    with pytest.raises(SchemaMismatchError):
+        client.put("out", logs_table(5).select(["status"]), mode="append", txn="job-4")
+    with pytest.raises(InvalidRequestError, match="mode"):
+        client.put("out", logs_table(5), mode="overwrite", txn="job-4")
+    assert client.commit("job-4", "out", mode="append")["rows"] == 8
+
+
+def test_abandoned_transaction_expires() -> None:
+    store = Store(txn_timeout=0)
+    staged = store.begin_put("a", logs_table(0).schema)
+    staged.add(logs_table(10).to_batches()[0])
+    staged.stage("t")
+    assert store.stats()["open_transactions"] == 0  # stats expires it at once with a zero timeout
+    assert store.stats()["memory_staged"] == 0
