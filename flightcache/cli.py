@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from .cache import PERSIST_MODES
 from .client import DEFAULT_URI, Client
 from .errors import FlightcacheError
 from .store import DEFAULT_BATCH_ROWS, NAME_GRAMMAR, format_bytes, parse_bytes
 
 log = logging.getLogger("flightcache")
+
+DEFAULT_STORAGE = "./.flightcache/storage"
 
 EPILOG = f"""\
 Dataset names: {NAME_GRAMMAR}.
@@ -89,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="keep a replaced version readable this long for readers already on it (default: %(default)s)",
     )
+    serve.add_argument(
+        "--storage",
+        default=os.environ.get("FLIGHTCACHE_STORAGE", DEFAULT_STORAGE),
+        help="where datasets persist as Parquet: s3://BUCKET/PREFIX, file:///PATH or a path; 'none' for "
+        "memory only (default: $FLIGHTCACHE_STORAGE or %(default)s). S3 settings come from the AWS_* variables",
+    )
+    serve.add_argument(
+        "--s3-endpoint",
+        help="an S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
+        "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS)",
+    )
+    serve.add_argument(
+        "--persist",
+        choices=PERSIST_MODES,
+        default="none",
+        help="default persistence of a put: none (memory only), sync (write-through), "
+        "async (write-back) (default: %(default)s)",
+    )
 
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
 
@@ -114,6 +135,40 @@ def build_parser() -> argparse.ArgumentParser:
         default="overwrite",
         help="overwrite replaces, append adds rows (same schema), create fails if NAME exists (default: %(default)s)",
     )
+    _persist_flags(put)
+
+    load = sub.add_parser(
+        "load",
+        parents=[common],
+        help="have the server load external Parquet (S3 or a path) as a dataset",
+        description="The server reads a Parquet file or directory (hive partitions too), in parallel, as NAME.",
+    )
+    load.add_argument("name")
+    load.add_argument("uri", help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it")
+    load.add_argument(
+        "--mode",
+        choices=("overwrite", "append", "create"),
+        default="overwrite",
+        help="as for put (default: %(default)s)",
+    )
+    _persist_flags(load)
+
+    persist = sub.add_parser(
+        "persist",
+        parents=[common],
+        help="persist a dataset to storage now",
+        description="Write a dataset's current version to the storage tier now.",
+    )
+    persist.add_argument("name")
+    persist.add_argument("--no-wait", action="store_true", help="return at once instead of when it has committed")
+    for verb, text in (
+        ("pin", "keep a dataset in memory (never evicted)"),
+        ("unpin", "let a pinned dataset be evicted again"),
+        ("evict", "free a persisted dataset's memory (it stays in storage)"),
+    ):
+        sub.add_parser(verb, parents=[common], help=text, description=text[0].upper() + text[1:] + ".").add_argument(
+            "name"
+        )
 
     get = sub.add_parser(
         "get",
@@ -157,13 +212,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _persist_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--persist",
+        choices=PERSIST_MODES,
+        help="none (memory only), sync (return once written to storage) or async (write back "
+        "in the background) (default: the server's --persist)",
+    )
+    parser.add_argument("--ttl", type=float, help="seconds in memory; then evicted if persisted, else dropped")
+
+
 def serve(args: argparse.Namespace) -> int:
     from .server import FlightcacheServer
+    from .storage import Storage
     from .store import Store
 
     store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
+    storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint)
     server = FlightcacheServer(
-        f"grpc://{args.host}:{args.port}", store=store, endpoint_bytes=parse_bytes(args.endpoint_bytes)
+        f"grpc://{args.host}:{args.port}",
+        store=store,
+        storage=storage,
+        persist=args.persist,
+        endpoint_bytes=parse_bytes(args.endpoint_bytes),
     )
     stopping = threading.Event()
 
@@ -176,10 +247,19 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     uri = f"grpc://{args.host}:{server.port}"
+    recovered = store.stats()["states"]["in-storage-only"]
+    where = f"storage {storage.uri}, {recovered} datasets recovered" if storage else "no storage"
     _emit(
         args,
-        {"uri": uri, "memory_limit": store.memory_limit, "pid": os.getpid()},
-        f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, pid {os.getpid()})",
+        {
+            "uri": uri,
+            "memory_limit": store.memory_limit,
+            "pid": os.getpid(),
+            "storage": storage.uri if storage else None,
+            "recovered": recovered,
+        },
+        f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, {where}, "
+        f"pid {os.getpid()})",
     )
     sys.stdout.flush()
     while not stopping.wait(0.2):
@@ -197,16 +277,14 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
             str(d["version"]),
             f"{d['rows']:,}",
             format_bytes(d["bytes"]),
+            d["state"] + (", pinned" if d["pinned"] else ""),
             _time(d["created"]),
             _time(d["last_read"]),
         ]
         for d in datasets
     ]
-    _emit(
-        args,
-        datasets,
-        _table(["NAME", "VERSION", "ROWS", "SIZE", "CREATED", "LAST READ"], rows) if rows else "no datasets",
-    )
+    header = ["NAME", "VERSION", "ROWS", "SIZE", "STATE", "CREATED", "LAST READ"]
+    _emit(args, datasets, _table(header, rows) if rows else "no datasets")
     return 0
 
 
@@ -220,6 +298,11 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
             f"size:      {format_bytes(d['bytes'])} ({d['bytes']:,} bytes in {d['batches']} batches)",
             f"created:   {_time(d['created'])}",
             f"last read: {_time(d['last_read'])}",
+            f"state:     {d['state']}{', pinned' if d['pinned'] else ''}"
+            + (f" (persisted version {d['persisted_version']})" if d["persisted_version"] else ""),
+            *([f"error:     {d['persist_error']}"] if d["persist_error"] else []),
+            *([f"expires:   {_time(d['expires'])}"] if d["expires"] else []),
+            "activity:  " + ", ".join(_counter(k, v) for k, v in d["counters"].items()),
             "schema:",
             "  " + d["schema"].replace("\n", "\n  "),
         ]
@@ -238,7 +321,7 @@ def cmd_put(client: Client, args: argparse.Namespace) -> int:
     total = dataset.count_rows()
     bar = _Progress(f"put {args.name}", total)
     reader = dataset.scanner(batch_size=client.batch_rows).to_reader()
-    result = client.put(args.name, reader, mode=args.mode, progress=bar.update)
+    result = client.put(args.name, reader, mode=args.mode, persist=args.persist, ttl=args.ttl, progress=bar.update)
     bar.close()
     _emit(
         args,
@@ -285,6 +368,41 @@ def cmd_get(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(client: Client, args: argparse.Namespace) -> int:
+    bar = _Progress(f"load {args.name}", None)
+
+    def progress(done: int, total: int) -> None:
+        bar.label = f"load {args.name}: {done}/{total} files"
+        bar.update(0, 0)
+
+    result = client.load(args.name, args.uri, args.mode, persist=args.persist, ttl=args.ttl, progress=progress)
+    bar.close()
+    _emit(
+        args,
+        result,
+        f"loaded {result['name']}: version {result['version']}, {result['rows']:,} rows, "
+        f"{format_bytes(result['bytes'])}",
+    )
+    return 0
+
+
+def cmd_persist(client: Client, args: argparse.Namespace) -> int:
+    d = client.persist(args.name, wait=not args.no_wait)
+    _emit(
+        args,
+        d,
+        f"{d['name']} version {d['version']}: {d['state']}"
+        + (f" ({d['persist_error']})" if d["persist_error"] else ""),
+    )
+    return 0 if d["state"] != "persist-failed" else 1
+
+
+def cmd_pin(client: Client, args: argparse.Namespace) -> int:
+    d = {"pin": client.pin, "unpin": client.unpin, "evict": client.evict}[args.command](args.name)
+    _emit(args, d, f"{d['name']}: {d['state']}{', pinned' if d['pinned'] else ''}")
+    return 0
+
+
 def cmd_drop(client: Client, args: argparse.Namespace) -> int:
     result = client.drop(args.name)
     _emit(args, result, f"dropped {result['name']} (version {result['version']}, {format_bytes(result['bytes'])})")
@@ -303,15 +421,54 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         ["retained versions", str(s["retained_versions"])],
         ["puts / aborted", f"{s['puts']} / {s['puts_aborted']}"],
         ["gets (streams)", str(s["gets"])],
+        ["hits / misses", f"{s.get('hits', 0):.0f} / {s.get('misses', 0):.0f}"],
+        ["evictions", f"{s.get('evictions', 0):.0f}"],
         ["bytes received", format_bytes(s["bytes_received"])],
         ["bytes served", format_bytes(s["bytes_served"])],
+        ["bytes loaded", format_bytes(s.get("bytes_loaded", 0))],
+        ["bytes persisted", format_bytes(s.get("bytes_persisted", 0))],
+        ["pending persists", str(s["pending_persists"])],
+        ["storage", s["storage"] or "none"],
         ["uptime", f"{s['uptime_s']:.0f} s"],
     ]
-    _emit(args, s, _table(["FIGURE", "VALUE"], lines))
+    states = ", ".join(f"{n} {state}" for state, n in s["states"].items() if n)
+    lines.insert(1, ["datasets by state", states or "-"])
+    per = [
+        [
+            name,
+            f"{c['hits']:.0f}",
+            f"{c['misses']:.0f}",
+            format_bytes(c["bytes_served"]),
+            format_bytes(c["bytes_loaded"]),
+            format_bytes(c["bytes_persisted"]),
+            f"{c['evictions']:.0f}",
+            f"{c['load_s']:.2f}",
+            f"{c['persist_s']:.2f}",
+        ]
+        for name, c in s["per_dataset"].items()
+    ]
+    text = _table(["FIGURE", "VALUE"], lines)
+    if per:
+        text += "\n\n" + _table(
+            ["DATASET", "HITS", "MISSES", "SERVED", "LOADED", "PERSISTED", "EVICTIONS", "LOAD S", "PERSIST S"], per
+        )
+    _emit(args, s, text)
     return 0
 
 
-COMMANDS = {"ls": cmd_ls, "info": cmd_info, "put": cmd_put, "get": cmd_get, "drop": cmd_drop, "stats": cmd_stats}
+COMMANDS = {
+    "ls": cmd_ls,
+    "info": cmd_info,
+    "put": cmd_put,
+    "get": cmd_get,
+    "drop": cmd_drop,
+    "stats": cmd_stats,
+    "load": cmd_load,
+    "persist": cmd_persist,
+    "pin": cmd_pin,
+    "unpin": cmd_pin,
+    "evict": cmd_pin,
+}
 
 
 class _Progress:
@@ -350,6 +507,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
     )
+
+
+def _counter(key: str, value: float) -> str:
+    if key.startswith("bytes"):
+        return f"{key.replace('_', ' ')} {format_bytes(value)}"
+    return f"{key.replace('_', ' ')} {value:.2f}" if key.endswith("_s") else f"{key} {value:.0f}"
 
 
 def _time(ts: float | None) -> str:

@@ -27,9 +27,12 @@ from .filters import parse_filter
 from .protocol import (
     AbortRequest,
     CommitRequest,
+    LoadRequest,
+    PersistRequest,
     PutOptions,
     ReadRequest,
     Ticket,
+    _Message,
     encode_schema,
     error_from_flight,
 )
@@ -121,6 +124,8 @@ class Client:
         data: Any,
         mode: str = "overwrite",
         *,
+        persist: str | None = None,
+        ttl: float | None = None,
         txn: str | None = None,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
@@ -129,13 +134,16 @@ class Client:
         ``data``: a pyarrow Table, RecordBatch or RecordBatchReader, a pandas or polars DataFrame,
         or anything that exports the Arrow C stream interface. ``mode``: ``overwrite`` (default),
         ``append`` (the schema must match) or ``create`` (fails if the name exists). The new version
-        becomes visible only once every row has arrived. With ``txn``, the data is staged as one
+        becomes visible only once every row has arrived. ``persist``: ``none`` (memory only),
+        ``sync`` (returns once the Parquet version has committed to storage) or ``async`` (persisted
+        in the background); default: the server's. ``ttl``: seconds in memory before the dataset is
+        evicted (if persisted) or dropped (if memory-only). With ``txn``, the data is staged as one
         part of that transaction instead ({txn, part, rows, bytes} is returned) and becomes visible
         with the others at ``commit``.
         """
         validate_name(name)
         reader, rows = _as_reader(data, self.batch_rows)
-        options = PutOptions(mode=mode, expect_rows=rows, txn=txn)
+        options = PutOptions(mode=mode, expect_rows=rows, txn=txn, persist=persist, ttl=ttl)
 
         def run() -> dict[str, Any]:
             writer, results = self.flight.do_put(flight.FlightDescriptor.for_path(name), reader.schema, self._options())
@@ -159,9 +167,13 @@ class Client:
         *,
         parts: list[str] | None = None,
         schema: pa.Schema | None = None,
+        persist: str | None = None,
+        ttl: float | None = None,
     ) -> dict[str, Any]:
         """Publish the parts staged under ``txn`` (all, or those listed) as one version of ``name``."""
-        request = CommitRequest(txn, validate_name(name), mode, parts, encode_schema(schema) if schema else None)
+        request = CommitRequest(
+            txn, validate_name(name), mode, parts, encode_schema(schema) if schema else None, persist, ttl
+        )
         return self._action("commit", request)
 
     def abort(self, txn: str) -> dict[str, Any]:
@@ -261,17 +273,61 @@ class Client:
 
     # -- catalog ---------------------------------------------------------------------------
 
-    def _action(self, kind: str, body: dict[str, Any] | CommitRequest | AbortRequest | None = None) -> Any:
-        if isinstance(body, (CommitRequest, AbortRequest)):
+    def _action(
+        self,
+        kind: str,
+        body: dict[str, Any] | _Message | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        if isinstance(body, _Message):
             payload = body.to_bytes()
         else:
             payload = json.dumps(body).encode() if body is not None else b""
 
         def run() -> Any:
-            results = list(self.flight.do_action(flight.Action(kind, payload), self._options()))
-            return json.loads(results[0].body.to_pybytes()) if results else None
+            answer = None
+            for result in self.flight.do_action(flight.Action(kind, payload), self._options()):
+                answer = json.loads(result.body.to_pybytes())
+                if isinstance(answer, dict) and "progress" in answer and on_progress is not None:
+                    on_progress(answer["progress"])
+            return answer
 
         return self._call(run)
+
+    def load(
+        self,
+        name: str,
+        uri: str,
+        mode: str = "overwrite",
+        *,
+        persist: str | None = None,
+        ttl: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Have the server load external Parquet (a file or a directory, hive partitions too) as ``name``.
+
+        ``uri``: any pyarrow filesystem URI the server can reach (``s3://bucket/path/``, a path).
+        ``progress(files_done, files)`` is called as the server reads the files, in parallel.
+        """
+        request = LoadRequest(validate_name(name), uri, mode, persist, ttl)
+        report = (lambda p: progress(p["files_done"], p["files"])) if progress is not None else None
+        return self._action("load", request, on_progress=report)
+
+    def persist(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Persist a dataset's current version to storage now; with ``wait``, return once committed."""
+        return self._action("persist", PersistRequest(validate_name(name), wait))
+
+    def pin(self, name: str) -> dict[str, Any]:
+        """Keep a dataset in memory: it is never evicted."""
+        return self._action("pin", {"name": validate_name(name)})
+
+    def unpin(self, name: str) -> dict[str, Any]:
+        """Let a pinned dataset be evicted again."""
+        return self._action("unpin", {"name": validate_name(name)})
+
+    def evict(self, name: str) -> dict[str, Any]:
+        """Free the memory of a persisted dataset; it stays in storage and loads on the next read."""
+        return self._action("evict", {"name": validate_name(name)})
 
     def list(self) -> list[dict[str, Any]]:
         """Every dataset's info (name, version, rows, bytes, schema, times)."""

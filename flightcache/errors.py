@@ -32,6 +32,12 @@ class DatasetNotFoundError(FlightcacheError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NotInMemoryError(DatasetNotFoundError):
+    """Internal: the storage tier holds the dataset but memory does not (the cache loads it)."""
+
+    code = "DATASET_NOT_FOUND"
+
+
 class DatasetExistsError(FlightcacheError):
     code = "DATASET_EXISTS"
 

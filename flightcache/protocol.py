@@ -38,6 +38,12 @@ ACTIONS: dict[str, str] = {
     "commit": 'Publish the parts staged by do_put with {"txn": ID} as one version. '
     'Body: {"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all)}.',
     "abort": 'Discard the parts staged under a transaction. Body: {"txn": ID}.',
+    "load": "Load external Parquet (file or directory, hive partitions) as a dataset; streams progress. "
+    'Body: {"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS}.',
+    "persist": 'Persist a dataset now. Body: {"name": NAME, "wait": true}.',
+    "pin": 'Keep a dataset in memory: never evicted. Body: {"name": NAME} or the bare name.',
+    "unpin": 'Let a pinned dataset be evicted again. Body: {"name": NAME} or the bare name.',
+    "evict": 'Free the memory of a persisted dataset (it stays in storage). Body: {"name": NAME} or the bare name.',
 }
 
 
@@ -148,8 +154,17 @@ class PutOptions(_Message):
     mode: str = "overwrite"
     expect_rows: int | None = None
     txn: str | None = None  # stage as a part of this transaction instead of publishing
+    persist: str | None = None  # none, sync or async; default: the server's --persist
+    ttl: float | None = None  # seconds in memory before it is evicted (or dropped if memory-only)
 
-    _types = {"name": (str,), "mode": (str,), "expect_rows": (int,), "txn": (str,)}
+    _types = {
+        "name": (str,),
+        "mode": (str,),
+        "expect_rows": (int,),
+        "txn": (str,),
+        "persist": (str,),
+        "ttl": (int, float),
+    }
     _what = "put options"
 
 
@@ -162,8 +177,18 @@ class CommitRequest(_Message):
     mode: str = "overwrite"
     parts: list[str] | None = None
     schema: str | None = None  # base64 Arrow IPC schema, for a transaction with no parts
+    persist: str | None = None
+    ttl: float | None = None
 
-    _types = {"txn": (str,), "name": (str,), "mode": (str,), "parts": (list,), "schema": (str,)}
+    _types = {
+        "txn": (str,),
+        "name": (str,),
+        "mode": (str,),
+        "parts": (list,),
+        "schema": (str,),
+        "persist": (str,),
+        "ttl": (int, float),
+    }
     _what = "commit request"
 
     def arrow_schema(self) -> pa.Schema | None:
@@ -173,6 +198,31 @@ class CommitRequest(_Message):
             return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.schema, validate=True)))
         except (ValueError, pa.ArrowException) as e:
             raise InvalidRequestError(f"commit of dataset {self.name!r}: 'schema' is not a base64 Arrow schema") from e
+
+
+@dataclass(frozen=True)
+class LoadRequest(_Message):
+    """Load external Parquet (a file or a directory, hive partitions too) as a dataset."""
+
+    name: str
+    uri: str
+    mode: str = "overwrite"
+    persist: str | None = None
+    ttl: float | None = None
+
+    _types = {"name": (str,), "uri": (str,), "mode": (str,), "persist": (str,), "ttl": (int, float)}
+    _what = "load request"
+
+
+@dataclass(frozen=True)
+class PersistRequest(_Message):
+    """Persist a dataset's current version now; with ``wait``, answer once it has committed."""
+
+    name: str
+    wait: bool = True
+
+    _types = {"name": (str,), "wait": (bool,)}
+    _what = "persist request"
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,25 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
+from .cache import Cache
 from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
 from .filters import parse_filter
 from .protocol import (
     ACTIONS,
     AbortRequest,
     CommitRequest,
+    LoadRequest,
+    PersistRequest,
     PutOptions,
     ReadRequest,
     Ticket,
@@ -32,6 +36,7 @@ from .protocol import (
     descriptor_name,
     error_to_flight,
 )
+from .storage import Storage
 from .store import Store, Version
 
 log = logging.getLogger("flightcache.server")
@@ -49,36 +54,51 @@ def _translated(fn: F) -> F:
     def wrapper(self: FlightcacheServer, context: flight.ServerCallContext, *args: Any) -> Any:
         try:
             return fn(self, context, *args)
-        except FlightcacheError as e:
-            log.info("%s refused: %s", fn.__name__, e)
-            raise error_to_flight(e) from None
-        except flight.FlightError:
-            raise
         except Exception as e:
-            log.exception("%s failed", fn.__name__)
-            raise flight.FlightInternalError(
-                f"[INTERNAL] internal server error in {fn.__name__} ({type(e).__name__}: {e}); see the server log",
-                extra_info=b'{"code":"INTERNAL"}',
-            ) from None
+            raise _flight_error(fn.__name__, e) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+def _flight_error(where: str, e: Exception) -> flight.FlightError:
+    if isinstance(e, FlightcacheError):
+        log.info("%s refused: %s", where, e)
+        return error_to_flight(e)
+    if isinstance(e, flight.FlightError):
+        return e
+    log.error("%s failed", where, exc_info=e)
+    return flight.FlightInternalError(
+        f"[INTERNAL] internal server error in {where} ({type(e).__name__}: {e}); see the server log",
+        extra_info=b'{"code":"INTERNAL"}',
+    )
+
+
 class FlightcacheServer(flight.FlightServerBase):
-    """The Flight face of a ``Store``. ``location`` like ``grpc://127.0.0.1:8815`` (port 0: any)."""
+    """The Flight face of a ``Cache``. ``location`` like ``grpc://127.0.0.1:8815`` (port 0: any).
+
+    Give a ``cache``, or a ``store`` (and optionally a ``storage`` and default ``persist`` mode) to
+    build one; with a storage tier the catalog is recovered from it before serving.
+    """
 
     def __init__(
         self,
         location: str = "grpc://127.0.0.1:8815",
         *,
+        cache: Cache | None = None,
         store: Store | None = None,
+        storage: Storage | None = None,
+        persist: str = "none",
         memory_limit: int | None = None,
         endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
         max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
         **kwargs: Any,
     ) -> None:
+        if cache is None:
+            cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
+            cache.recover()
         super().__init__(location, **kwargs)
-        self.store = store if store is not None else Store(memory_limit)
+        self.cache = cache
+        self.store = cache.store
         self.endpoint_bytes = endpoint_bytes
         self.max_endpoints = max_endpoints
         self._counters_lock = threading.Lock()
@@ -91,6 +111,11 @@ class FlightcacheServer(flight.FlightServerBase):
         }
         self.started = time.time()
 
+    def shutdown(self) -> None:
+        """Stop serving, then flush pending write-backs."""
+        super().shutdown()
+        self.cache.close(flush=True)
+
     def _count(self, **amounts: int) -> None:
         with self._counters_lock:
             for key, n in amounts.items():
@@ -102,7 +127,9 @@ class FlightcacheServer(flight.FlightServerBase):
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
         infos = []
         for info in self.store.list():
-            version = self.store.get(info.name)
+            version = self.store.current(info.name)
+            if version is None:
+                continue  # in storage only: listed by the list action, not loaded by a listing
             infos.append(
                 self._flight_info(version, ReadRequest(info.name), flight.FlightDescriptor.for_path(info.name))
             )
@@ -114,7 +141,7 @@ class FlightcacheServer(flight.FlightServerBase):
     ) -> flight.FlightInfo:
         name, command = descriptor_name(descriptor)
         request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
-        version = self.store.get(request.name, request.version)
+        version = self.cache.get(request.name, request.version, count=True)
         # Fail now, not in do_get, on unknown columns or a filter that does not bind.
         self.store.scan(version, columns=request.columns, filter=_filter(request), batch_range=(0, 0))
         return self._flight_info(version, request, descriptor)
@@ -142,11 +169,13 @@ class FlightcacheServer(flight.FlightServerBase):
     @_translated
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         t = Ticket.from_bytes(ticket.ticket)
-        version = self.store.get(t.name, t.version)
+        version = self.cache.get(t.name, t.version)
         request = t.read_request()
         reader = self.store.scan(version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end))
         if request.filter is None and request.filter_substrait is None:
-            self._count(gets=1, bytes_served=sum(b.nbytes for b in version.batches[t.start : t.end]))
+            served = sum(b.nbytes for b in version.batches[t.start : t.end])
+            self._count(gets=1, bytes_served=served)
+            self.store.count(t.name, bytes_served=served)
         else:
             self._count(gets=1)
         return flight.RecordBatchStream(reader)
@@ -191,7 +220,7 @@ class FlightcacheServer(flight.FlightServerBase):
             if options.txn is not None:
                 part = staged.stage(options.txn)
             else:
-                version = staged.publish()
+                version = self.cache.publish(staged, persist=options.persist, ttl=options.ttl)
         except BaseException:
             staged.abort()
             self._count(puts_aborted=1)
@@ -223,9 +252,19 @@ class FlightcacheServer(flight.FlightServerBase):
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
         if kind == "drop":
-            version = self.store.drop(action_name(body, kind))
-            log.info("dropped %s (version %d, %d bytes)", version.name, version.number, version.nbytes)
-            result: Any = {"name": version.name, "version": version.number, "bytes": version.nbytes}
+            result: Any = self.cache.drop(action_name(body, kind))
+            log.info("dropped %s (version %d, %d bytes)", result["name"], result["version"], result["bytes"])
+        elif kind == "load":
+            return self._load(LoadRequest.from_bytes(body))
+        elif kind == "persist":
+            p = PersistRequest.from_bytes(body)
+            result = self.cache.persist(p.name, wait=p.wait)
+        elif kind in ("pin", "unpin"):
+            name = action_name(body, kind)
+            self.store.set_pinned(name, kind == "pin")
+            result = self.store.info(name).to_dict()
+        elif kind == "evict":
+            result = self.cache.evict(action_name(body, kind))
         elif kind == "info":
             result = self.store.info(action_name(body, kind)).to_dict()
         elif kind == "list":
@@ -234,7 +273,9 @@ class FlightcacheServer(flight.FlightServerBase):
             result = self.stats()
         elif kind == "commit":
             c = CommitRequest.from_bytes(body)
-            version = self.store.commit(c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema())
+            version = self.cache.commit(
+                c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema(), persist=c.persist, ttl=c.ttl
+            )
             log.info("committed %s v%d from transaction %s", version.name, version.number, c.txn)
             result = {
                 "name": version.name,
@@ -249,10 +290,42 @@ class FlightcacheServer(flight.FlightServerBase):
             raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
         return [json.dumps(result).encode()]
 
+    def _load(self, request: LoadRequest) -> Iterator[bytes]:
+        """Run a load in a worker thread, streaming {"progress": ...} results, then the summary."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def run() -> None:
+            try:
+                version = self.cache.load(
+                    request.name,
+                    request.uri,
+                    mode=request.mode,
+                    persist=request.persist,
+                    ttl=request.ttl,
+                    progress=lambda done, total: events.put(("progress", {"files_done": done, "files": total})),
+                )
+                events.put(("done", version))
+            except Exception as e:
+                events.put(("error", e))
+
+        threading.Thread(target=run, daemon=True, name=f"load-{request.name}").start()
+        while True:
+            kind, value = events.get()
+            if kind == "progress":
+                yield json.dumps({"progress": value}).encode()
+            elif kind == "error":
+                raise _flight_error("load", value)
+            else:
+                log.info("loaded %s v%d from %s", value.name, value.number, request.uri)
+                yield json.dumps(
+                    {"name": value.name, "version": value.number, "rows": value.num_rows, "bytes": value.nbytes}
+                ).encode()
+                return
+
     def stats(self) -> dict[str, Any]:
         with self._counters_lock:
             counters = dict(self._counters)
-        return {**self.store.stats(), **counters, "uptime_s": round(time.time() - self.started, 3)}
+        return {**self.cache.stats(), **counters, "uptime_s": round(time.time() - self.started, 3)}
 
 
 def _next_chunk(reader: flight.MetadataRecordBatchReader) -> flight.FlightStreamChunk | None:

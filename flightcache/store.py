@@ -29,17 +29,27 @@ from .errors import (
     InvalidNameError,
     InvalidRequestError,
     MemoryFullError,
+    NotInMemoryError,
     SchemaMismatchError,
 )
 
 PUT_MODES = ("overwrite", "append", "create")
+# Dataset states, as `info` reports them.
+MEMORY_ONLY, PERSISTING, PERSISTED, PERSIST_FAILED, IN_STORAGE_ONLY = (
+    "memory-only",
+    "persisting",
+    "persisted",
+    "persist-failed",
+    "in-storage-only",
+)
 DEFAULT_BATCH_ROWS = 64 * 1024
 MAX_NAME_LENGTH = 200
 _SEGMENT = r"[a-z0-9_][a-z0-9_.\-]*"
 _NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
+_RESERVED = re.compile(r"v[0-9]+")  # storage keeps version N of a dataset in <name>/vN/
 NAME_GRAMMAR = (
     "lowercase letters, digits, '_', '.' and '-', with '/' between namespace segments; "
-    "each segment starts with a letter, digit or '_'; at most 200 characters "
+    "each segment starts with a letter, digit or '_' and is not 'v' followed by digits; at most 200 characters "
     "(for example 'logs/2026-11-24/parsed')"
 )
 
@@ -50,6 +60,8 @@ def validate_name(name: object) -> str:
         raise InvalidNameError(f"dataset name must be a non-empty string, got {name!r}: use {NAME_GRAMMAR}")
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(f"invalid dataset name {name!r}: use {NAME_GRAMMAR}")
+    if any(_RESERVED.fullmatch(segment) for segment in name.split("/")):
+        raise InvalidNameError(f"invalid dataset name {name!r}: segments like 'v12' name stored versions")
     return name
 
 
@@ -134,6 +146,18 @@ class Version:
         return [(bounds[i], bounds[i + 1]) for i in range(wanted)]
 
 
+@dataclass(frozen=True)
+class StoredVersion:
+    """What the storage tier holds of a dataset that is not in memory."""
+
+    name: str
+    number: int
+    schema: pa.Schema
+    num_rows: int
+    nbytes: int
+    created: float
+
+
 @dataclass
 class DatasetInfo:
     name: str
@@ -144,6 +168,13 @@ class DatasetInfo:
     num_batches: int
     created: float
     last_read: float | None
+    state: str = MEMORY_ONLY
+    in_memory: bool = True
+    persisted_version: int | None = None
+    persist_error: str | None = None
+    pinned: bool = False
+    expires: float | None = None
+    counters: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -154,14 +185,31 @@ class DatasetInfo:
             "batches": self.num_batches,
             "created": self.created,
             "last_read": self.last_read,
+            "state": self.state,
+            "in_memory": self.in_memory,
+            "persisted_version": self.persisted_version,
+            "persist_error": self.persist_error,
+            "pinned": self.pinned,
+            "expires": self.expires,
+            "counters": self.counters,
             "schema": self.schema.to_string(show_schema_metadata=False),
         }
 
 
+COUNTERS = ("hits", "misses", "bytes_served", "bytes_loaded", "bytes_persisted", "evictions", "load_s", "persist_s")
+
+
 @dataclass
 class _Entry:
-    current: Version
+    current: Version | None  # None: held by the storage tier only
     last_read: float | None = None
+    stored: StoredVersion | None = None
+    state: str = MEMORY_ONLY
+    persisted_version: int | None = None
+    persist_error: str | None = None
+    pinned: bool = False
+    expires: float | None = None
+    counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
 
 @dataclass
@@ -190,6 +238,7 @@ class Store:
         retain_seconds: float = 60.0,
         txn_timeout: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        on_full: Callable[[int], int] | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
@@ -198,6 +247,7 @@ class Store:
         self.retain_seconds = retain_seconds
         self.txn_timeout = txn_timeout
         self._clock = clock
+        self.on_full = on_full  # called (without the lock) with the shortfall; returns bytes it freed
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._retained: list[_Retained] = []
@@ -264,7 +314,19 @@ class Store:
         parts: list[str] | None = None,
         schema: pa.Schema | None = None,
     ) -> Version:
-        """Publish the staged parts of ``txn`` (all, or those listed, in that order) as one version.
+        """Publish the staged parts of ``txn`` (all, or those listed, in that order) as one version."""
+        return self.take_parts(txn, name, mode, parts=parts, schema=schema).publish()
+
+    def take_parts(
+        self,
+        txn: str,
+        name: str,
+        mode: str = "overwrite",
+        *,
+        parts: list[str] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> StagedPut:
+        """The staged parts of ``txn`` (all, or those listed, in that order) as one unpublished put.
 
         Parts not listed are discarded (a retried task's first attempt, say). With no part staged,
         ``schema`` gives the schema of the empty version.
@@ -295,7 +357,7 @@ class Store:
         combined.batches = [b for p in chosen for b in p.batches]
         combined.nbytes = sum(p.nbytes for p in chosen)
         combined.num_rows = sum(p.num_rows for p in chosen)
-        return combined.publish()
+        return combined
 
     def abort(self, txn: str) -> int:
         """Discard every staged part of ``txn``; returns how many there were (0 if none)."""
@@ -322,15 +384,25 @@ class Store:
                 "cast the data to the current schema, or use mode 'overwrite' to replace it"
             )
 
-    def _publish(self, staged: StagedPut) -> Version:
+    def next_version(self, name: str) -> int:
+        """The number the next publish of ``name`` gets (callers serialise publishes of one name)."""
+        with self._lock:
+            return self._next_version.get(name, 1)
+
+    def _publish(self, staged: StagedPut, number: int | None = None) -> Version:
         with self._lock:
             self._expire_retained()
             self._check_mode(staged.name, staged.schema, staged.mode)
             entry = self._entries.get(staged.name)
             batches = tuple(staged.batches)
             if staged.mode == "append" and entry is not None:
+                if entry.current is None:
+                    raise NotInMemoryError(f"dataset {staged.name!r} must be loaded before an append")
                 batches = entry.current.batches + batches
-            number = self._next_version.get(staged.name, 1)
+            expected = self._next_version.get(staged.name, 1)
+            if number is not None and number != expected:
+                raise InvalidRequestError(f"version {number} of {staged.name!r} is taken; next is {expected}")
+            number = expected
             sizes = buffer_sizes(batches)
             version = Version(
                 name=staged.name,
@@ -347,28 +419,64 @@ class Store:
             if entry is None:
                 self._entries[staged.name] = _Entry(version)
             else:
-                self._retire(entry.current)
-                entry.current = version
+                if entry.current is not None:
+                    self._retire(entry.current)
+                entry.current, entry.stored = version, None
+                entry.state, entry.persist_error = MEMORY_ONLY, None
             return version
 
+    def restore(self, name: str, table: pa.Table, number: int) -> Version:
+        """Bring a stored version back into memory under its own number (a read-through load)."""
+        staged = self.begin_put(name, table.schema, "overwrite")
+        try:
+            for batch in table.to_batches():
+                staged.add(batch)
+            staged._flush_pending()
+            with self._lock:
+                entry = self._entries.get(name)
+                if entry is None or entry.current is not None or entry.stored is None or entry.stored.number != number:
+                    raise InvalidRequestError(f"dataset {name!r} changed while version {number} was loading")
+                batches = tuple(staged.batches)
+                sizes = buffer_sizes(batches)
+                version = Version(
+                    name, number, table.schema, batches, table.num_rows, sum(sizes.values()), entry.stored.created
+                )
+                self._acquire(sizes)
+                self._staged -= staged.nbytes
+                staged._done = True
+                entry.current, entry.stored = version, None
+                entry.state = PERSISTED
+                return version
+        except BaseException:
+            staged.abort()
+            raise
+
     def _reserve(self, name: str, nbytes: int) -> None:
-        with self._lock:
-            if self.memory_limit is None:
-                self._staged += nbytes
-                return
-            if self._used + self._staged + nbytes > self.memory_limit:
+        while True:
+            with self._lock:
+                if self.memory_limit is None or self._used + self._staged + nbytes <= self.memory_limit:
+                    self._staged += nbytes
+                    return
                 self._release_retained(everything=True)
-            if self._used + self._staged + nbytes > self.memory_limit:
-                raise MemoryFullError(self._full_message(name, nbytes))
-            self._staged += nbytes
+                shortfall = self._used + self._staged + nbytes - self.memory_limit
+                if shortfall <= 0:
+                    self._staged += nbytes
+                    return
+            if self.on_full is None or self.on_full(shortfall) <= 0:
+                with self._lock:
+                    raise MemoryFullError(self._full_message(name, nbytes))
 
     def _unreserve(self, nbytes: int) -> None:
         with self._lock:
             self._staged -= nbytes
 
     def _full_message(self, name: str, nbytes: int) -> str:
-        largest = sorted(self._entries.values(), key=lambda e: -e.current.nbytes)[:3]
-        holders = ", ".join(f"{e.current.name} ({format_bytes(e.current.nbytes)})" for e in largest)
+        held = [e for e in self._entries.values() if e.current is not None]
+        largest = sorted(held, key=lambda e: -e.current.nbytes)[:3]  # type: ignore[union-attr]
+        holders = ", ".join(
+            f"{e.current.name} ({format_bytes(e.current.nbytes)}, {'pinned' if e.pinned else e.state})"  # type: ignore[union-attr]
+            for e in largest
+        )
         return (
             f"memory full: putting dataset {name!r} needs {format_bytes(nbytes)} more, but "
             f"{format_bytes(self._used + self._staged)} of the {format_bytes(self.memory_limit or 0)} "
@@ -389,6 +497,8 @@ class Store:
                 raise DatasetNotFoundError(
                     f"dataset {name!r} not found; list datasets with 'flightcache ls' or put it first"
                 )
+            if entry.current is None:
+                raise NotInMemoryError(f"dataset {name!r} is held by the storage tier only; load it first")
             entry.last_read = self._clock()
             if version is None or version == entry.current.number:
                 return entry.current
@@ -399,6 +509,108 @@ class Store:
                 f"version {version} of dataset {name!r} is no longer held (the current version "
                 f"is {entry.current.number}); fetch the flight info again to read the current one"
             )
+
+    # -- tier metadata: states, pins, TTL, eviction candidates, counters -------------------
+
+    def add_stored(self, stored: StoredVersion) -> None:
+        """Register a dataset the storage tier holds but memory does not (at start-up)."""
+        with self._lock:
+            if stored.name in self._entries:
+                return
+            self._entries[stored.name] = _Entry(
+                None, stored=stored, state=IN_STORAGE_ONLY, persisted_version=stored.number
+            )
+            self._next_version[stored.name] = max(self._next_version.get(stored.name, 1), stored.number + 1)
+
+    def current(self, name: str) -> Version | None:
+        """The version of ``name`` in memory, without counting it as a read."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.current if entry is not None else None
+
+    def stored(self, name: str) -> StoredVersion | None:
+        """What storage holds of ``name`` when it is not in memory."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry.stored if entry is not None and entry.current is None else None
+
+    def evict(self, name: str, number: int) -> int:
+        """Free the memory of version ``number`` of a persisted dataset; returns the bytes freed."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.current is None or entry.current.number != number or entry.pinned:
+                return 0
+            if entry.persisted_version != number:
+                raise InvalidRequestError(f"dataset {name!r} version {number} is not persisted; it cannot be evicted")
+            before = self._used
+            v = entry.current
+            self._release(v)
+            self._release_retained_of(name)
+            entry.current = None
+            entry.stored = StoredVersion(name, v.number, v.schema, v.num_rows, v.nbytes, v.created)
+            entry.state = IN_STORAGE_ONLY
+            entry.counters["evictions"] += 1
+            return before - self._used
+
+    def set_state(self, name: str, number: int, state: str, error: str | None = None) -> None:
+        """Record the persistence state of version ``number`` (ignored if it is no longer current)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return
+            if state == PERSISTED:
+                entry.persisted_version = max(entry.persisted_version or 0, number)
+            held = entry.current.number if entry.current is not None else None
+            if held == number:
+                entry.state, entry.persist_error = state, error
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        with self._lock:
+            self._entry(name).pinned = pinned
+
+    def set_ttl(self, name: str, ttl: float | None) -> None:
+        """Make ``name`` leave memory ``ttl`` seconds from now (None: never)."""
+        with self._lock:
+            self._entry(name).expires = None if ttl is None else self._clock() + ttl
+
+    def count(self, name: str, **amounts: float) -> None:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                for key, n in amounts.items():
+                    entry.counters[key] += n
+
+    def candidates(self) -> list[tuple[str, int, int, bool]]:
+        """(name, version, bytes, persisted) of evictable datasets, least recently used first."""
+        with self._lock:
+            held = [e for e in self._entries.values() if e.current is not None and not e.pinned]
+            held.sort(key=lambda e: max(e.last_read or 0.0, e.current.created))  # type: ignore[union-attr]
+            return [
+                (
+                    e.current.name,
+                    e.current.number,
+                    e.current.nbytes,  # type: ignore[union-attr]
+                    e.persisted_version == e.current.number,
+                )
+                for e in held
+            ]  # type: ignore[union-attr]
+
+    def expired(self) -> list[tuple[str, int, bool]]:
+        """(name, version, persisted) of datasets in memory whose TTL has passed."""
+        with self._lock:
+            now = self._clock()
+            return [
+                (e.current.name, e.current.number, e.persisted_version == e.current.number)
+                for e in self._entries.values()
+                if e.current is not None and e.expires is not None and e.expires <= now
+            ]
+
+    def _entry(self, name: str) -> _Entry:
+        validate_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            raise DatasetNotFoundError(f"dataset {name!r} not found; list datasets with 'flightcache ls'")
+        return entry
 
     def scan(
         self,
@@ -439,29 +651,30 @@ class Store:
             return [self._info(e) for _, e in sorted(self._entries.items())]
 
     def info(self, name: str) -> DatasetInfo:
-        validate_name(name)
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None:
-                raise DatasetNotFoundError(f"dataset {name!r} not found; list datasets with 'flightcache ls'")
-            return self._info(entry)
+            return self._info(self._entry(name))
 
-    def drop(self, name: str) -> Version:
+    def drop(self, name: str) -> DatasetInfo:
         """Remove a dataset and free its memory (open streams keep what they already hold)."""
         validate_name(name)
         with self._lock:
             entry = self._entries.pop(name, None)
             if entry is None:
                 raise DatasetNotFoundError(f"cannot drop dataset {name!r}: not found")
-            self._release(entry.current)
-            keep = []
-            for r in self._retained:
-                if r.version.name == name:
-                    self._release(r.version)
-                else:
-                    keep.append(r)
-            self._retained = keep
-            return entry.current
+            info = self._info(entry)
+            if entry.current is not None:
+                self._release(entry.current)
+            self._release_retained_of(name)
+            return info
+
+    def _release_retained_of(self, name: str) -> None:
+        keep = []
+        for r in self._retained:
+            if r.version.name == name:
+                self._release(r.version)
+            else:
+                keep.append(r)
+        self._retained = keep
 
     def stats(self) -> dict:
         with self._lock:
@@ -471,7 +684,12 @@ class Store:
                 "memory_used": self._used,
                 "memory_staged": self._staged,
                 "memory_limit": self.memory_limit,
-                "dataset_bytes": sum(e.current.nbytes for e in self._entries.values()),
+                "dataset_bytes": sum(e.current.nbytes for e in self._entries.values() if e.current is not None),
+                "states": {
+                    s: sum(e.state == s for e in self._entries.values())
+                    for s in (MEMORY_ONLY, PERSISTING, PERSISTED, PERSIST_FAILED, IN_STORAGE_ONLY)
+                },
+                "pinned": sum(e.pinned for e in self._entries.values()),
                 "retained_versions": len(self._retained),
                 "open_transactions": len(self._txns),
             }
@@ -483,8 +701,26 @@ class Store:
             return self._used
 
     def _info(self, entry: _Entry) -> DatasetInfo:
-        v = entry.current
-        return DatasetInfo(v.name, v.number, v.schema, v.num_rows, v.nbytes, len(v.batches), v.created, entry.last_read)
+        v = entry.current if entry.current is not None else entry.stored
+        assert v is not None
+        batches = len(entry.current.batches) if entry.current is not None else 0
+        return DatasetInfo(
+            v.name,
+            v.number,
+            v.schema,
+            v.num_rows,
+            v.nbytes,
+            batches,
+            v.created,
+            entry.last_read,
+            entry.state,
+            entry.current is not None,
+            entry.persisted_version,
+            entry.persist_error,
+            entry.pinned,
+            entry.expires,
+            dict(entry.counters),
+        )
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -590,13 +826,13 @@ class StagedPut:
         self.num_rows += batch.num_rows
         self.batches.append(batch)
 
-    def publish(self) -> Version:
-        """Make the staged batches the dataset's new version, atomically."""
+    def publish(self, number: int | None = None) -> Version:
+        """Make the staged batches the dataset's new version (numbered ``number`` if given), atomically."""
         self._flush_pending()
         if self._done:
             raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
         try:
-            version = self.store._publish(self)
+            version = self.store._publish(self, number)
         except BaseException:
             self.abort()
             raise

@@ -1,0 +1,414 @@
+"""The two tiers together: the memory ``Store`` in front of the Parquet ``Storage``.
+
+* read-through: a read of a dataset that only storage holds loads it, once, however many readers
+  wait for it;
+* persistence per put: ``none`` (memory only), ``sync`` (write-through: Parquet commits before the
+  version becomes visible), ``async`` (write-back: a background worker persists it);
+* capacity: when a put or load needs room, least-recently-used unpinned datasets leave memory;
+  persisted ones are evicted, unpersisted ones are written back first (spill); nothing that exists
+  nowhere else is dropped;
+* TTL: an expired persisted dataset is evicted, an expired memory-only one is dropped;
+* recovery: at start the catalog is rebuilt from the storage manifests, leftovers are removed.
+
+Publishes of one dataset are serialised by a per-name lock, so a write-through persist and its
+publish see the same base version. The store's own lock is never held across I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import DatasetNotFoundError, FlightcacheError, InvalidRequestError, NotInMemoryError, StorageError
+from .storage import Storage, read_external
+from .store import (
+    IN_STORAGE_ONLY,
+    PERSIST_FAILED,
+    PERSISTED,
+    PERSISTING,
+    StagedPut,
+    Store,
+    StoredVersion,
+    Version,
+)
+
+log = logging.getLogger("flightcache.cache")
+
+PERSIST_MODES = ("none", "sync", "async")
+
+
+class Cache:
+    """Coordinates a Store and an optional Storage."""
+
+    def __init__(
+        self,
+        store: Store,
+        storage: Storage | None = None,
+        *,
+        persist: str = "none",
+        persist_threads: int = 2,
+        sweep_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.default_persist = "none"
+        self.default_persist = self._persist_mode(persist)
+        store.on_full = self.make_room
+        self._guard = threading.Lock()
+        self._name_locks: dict[str, threading.RLock] = {}
+        self._loads: dict[str, Future[Version]] = {}
+        self._pending: dict[str, Future[None]] = {}
+        self._pool = ThreadPoolExecutor(persist_threads, thread_name_prefix="flightcache-persist") if storage else None
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(
+            target=self._sweep_loop, args=(sweep_seconds,), daemon=True, name="flightcache-ttl"
+        )
+        self._sweeper.start()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, Any]:
+        """Rebuild the catalog from storage manifests; remove half-written and superseded versions."""
+        if self.storage is None:
+            return {"datasets": 0, "removed": []}
+        manifests = self.storage.catalog()
+        for m in manifests:
+            self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
+        removed = self.storage.clean(manifests)
+        for path in self.storage.orphans():
+            self.storage.remove(path)
+            removed.append(self.storage.describe(path))
+        if manifests or removed:
+            log.info(
+                "recovered %d datasets from %s; removed %d unfinished or old versions",
+                len(manifests),
+                self.storage.uri,
+                len(removed),
+            )
+        return {"datasets": len(manifests), "removed": removed}
+
+    def close(self, flush: bool = True) -> None:
+        """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first."""
+        self._stop.set()
+        if flush:
+            self.flush()
+        if self._pool is not None:
+            self._pool.shutdown(wait=flush, cancel_futures=not flush)
+
+    def flush(self) -> None:
+        """Wait until every pending write-back has finished (successfully or not)."""
+        while True:
+            with self._guard:
+                pending = list(self._pending.values())
+            if not pending:
+                return
+            for future in pending:
+                future.exception()
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._name_locks.setdefault(name, threading.RLock())
+        with lock:
+            yield
+
+    def _persist_mode(self, persist: str | None) -> str:
+        mode = persist or self.default_persist
+        if mode not in PERSIST_MODES:
+            raise InvalidRequestError(f"unknown persist mode {mode!r}: use one of {', '.join(PERSIST_MODES)}")
+        if mode != "none" and self.storage is None:
+            raise InvalidRequestError(
+                f"persist mode {mode!r} needs a storage tier: start the server with --storage URI"
+            )
+        return mode
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def publish(self, staged: StagedPut, *, persist: str | None = None, ttl: float | None = None) -> Version:
+        """Publish a finished put with the given persistence (default: the server's)."""
+        mode = self._persist_mode(persist)
+        if ttl is not None and ttl <= 0:
+            raise InvalidRequestError(f"ttl of dataset {staged.name!r} must be positive, got {ttl}")
+        if staged.mode == "append" and self.store.stored(staged.name) is not None:
+            self.get(staged.name)  # an append needs the stored rows in memory
+        with self._locked(staged.name):
+            if mode == "sync":
+                version = self._publish_through(staged)
+            else:
+                version = staged.publish()
+        if ttl is not None:
+            self.store.set_ttl(staged.name, ttl)
+        if mode == "async":
+            self._schedule(version)
+        return version
+
+    def _publish_through(self, staged: StagedPut) -> Version:
+        assert self.storage is not None
+        staged._flush_pending()
+        with self.store._lock:
+            self.store._check_mode(staged.name, staged.schema, staged.mode)
+            base = self.store._entries.get(staged.name)
+            previous = base.current.batches if staged.mode == "append" and base and base.current else ()
+        number = self.store.next_version(staged.name)
+        batches = [*previous, *staged.batches]
+        started = time.perf_counter()
+        self.storage.write_version(staged.name, number, staged.schema, batches)
+        version = staged.publish(number)
+        self.store.set_state(staged.name, number, PERSISTED)
+        self.store.count(staged.name, bytes_persisted=version.nbytes, persist_s=time.perf_counter() - started)
+        return version
+
+    def commit(
+        self,
+        txn: str,
+        name: str,
+        mode: str = "overwrite",
+        *,
+        parts: list[str] | None = None,
+        schema: pa.Schema | None = None,
+        persist: str | None = None,
+        ttl: float | None = None,
+    ) -> Version:
+        """Publish a transaction's staged parts as one version, with the given persistence."""
+        self._persist_mode(persist)
+        staged = self.store.take_parts(txn, name, mode, parts=parts, schema=schema)
+        try:
+            return self.publish(staged, persist=persist, ttl=ttl)
+        except BaseException:
+            staged.abort()
+            raise
+
+    def load(
+        self,
+        name: str,
+        uri: str,
+        *,
+        mode: str = "overwrite",
+        persist: str | None = None,
+        ttl: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Version:
+        """Load an external Parquet file or directory as dataset ``name``."""
+        endpoint = None
+        if self.storage is not None and self.storage.uri.startswith("s3://") and uri.startswith("s3://"):
+            endpoint = self.storage.s3_endpoint
+        started = time.perf_counter()
+        table = read_external(uri, s3_endpoint=endpoint, progress=progress)
+        staged = self.store.begin_put(name, table.schema, mode)
+        try:
+            for batch in table.to_batches():
+                staged.add(batch)
+            version = self.publish(staged, persist=persist, ttl=ttl)
+        except BaseException:
+            staged.abort()
+            raise
+        self.store.count(name, bytes_loaded=version.nbytes, load_s=time.perf_counter() - started)
+        return version
+
+    def drop(self, name: str) -> dict[str, Any]:
+        """Remove a dataset from memory and from storage."""
+        with self._locked(name):
+            info = self.store.drop(name)
+            if self.storage is not None:
+                self.storage.delete(name)
+        return {"name": info.name, "version": info.version, "bytes": info.nbytes}
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, name: str, version: int | None = None, *, count: bool = False) -> Version:
+        """A dataset version from memory, loading it from storage on a miss."""
+        try:
+            v = self.store.get(name, version)
+        except NotInMemoryError:
+            v = self._load_stored(name)
+            if count:
+                self.store.count(name, misses=1)
+            if version is not None and version != v.number:
+                raise DatasetNotFoundError(
+                    f"version {version} of dataset {name!r} is gone; the stored version is {v.number}"
+                ) from None
+            return v
+        if count:
+            self.store.count(name, hits=1)
+        return v
+
+    def _load_stored(self, name: str) -> Version:
+        """Load a stored dataset into memory; concurrent callers share one load."""
+        with self._guard:
+            future = self._loads.get(name)
+            leader = future is None
+            if leader:
+                future = self._loads[name] = Future()
+        assert future is not None
+        if not leader:
+            return future.result()
+        try:
+            version = self._read_stored(name)
+            future.set_result(version)
+            return version
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._guard:
+                self._loads.pop(name, None)
+
+    def _read_stored(self, name: str) -> Version:
+        stored = self.store.stored(name)
+        if stored is None:
+            return self.store.get(name)  # loaded meanwhile
+        assert self.storage is not None
+        started = time.perf_counter()
+        manifest = self.storage.manifest(name)
+        if manifest is None or manifest.version != stored.number:
+            raise StorageError(
+                f"version {stored.number} of dataset {name!r} is missing from {self.storage.uri}; "
+                "it was removed outside flightcache"
+            )
+        table = self.storage.read_version(manifest)
+        version = self.store.restore(name, table, manifest.version)
+        self.store.count(name, bytes_loaded=version.nbytes, load_s=time.perf_counter() - started)
+        log.info(
+            "loaded %s v%d from storage (%d bytes) in %.3fs",
+            name,
+            version.number,
+            version.nbytes,
+            time.perf_counter() - started,
+        )
+        return version
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def _schedule(self, version: Version) -> None:
+        assert self._pool is not None
+        self.store.set_state(version.name, version.number, PERSISTING)
+        future = self._pool.submit(self._persist_current, version.name, version.number)
+        with self._guard:
+            self._pending[version.name] = future
+        future.add_done_callback(lambda f, n=version.name: self._forget(n, f))
+
+    def _forget(self, name: str, future: Future[None]) -> None:
+        with self._guard:
+            if self._pending.get(name) is future:
+                del self._pending[name]
+
+    def _persist_current(self, name: str, number: int) -> None:
+        """Write version ``number`` of ``name`` to storage if it is still the current one."""
+        with self._locked(name):
+            version = self.store.current(name)
+            if version is None or version.number != number:
+                return  # dropped, evicted or superseded; a newer put has its own persistence
+            info = self.store.info(name)
+            if info.persisted_version == number:
+                return
+            assert self.storage is not None
+            started = time.perf_counter()
+            try:
+                self.storage.write_version(name, number, version.schema, version.batches)
+            except FlightcacheError as e:
+                log.error("persisting %s v%d failed: %s", name, number, e)
+                self.store.set_state(name, number, PERSIST_FAILED, str(e))
+                raise
+            self.store.set_state(name, number, PERSISTED)
+            self.store.count(name, bytes_persisted=version.nbytes, persist_s=time.perf_counter() - started)
+
+    def persist(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Persist the current version of ``name`` now (or wait for its pending write-back)."""
+        self._persist_mode("sync")  # needs storage
+        with self._guard:
+            pending = self._pending.get(name)
+        if pending is not None:
+            if wait:
+                pending.exception()
+        else:
+            version = self.store.current(name)
+            if version is None:
+                self.store.info(name)  # raises if unknown; else it is in storage already
+            elif self.store.info(name).persisted_version != version.number:
+                self._schedule(version)
+                with self._guard:
+                    pending = self._pending.get(name)
+                if wait and pending is not None:
+                    pending.exception()
+        return self.store.info(name).to_dict()
+
+    # -- capacity --------------------------------------------------------------------------
+
+    def make_room(self, needed: int) -> int:
+        """Free at least ``needed`` bytes if possible: evict persisted LRU data, spill the rest."""
+        freed = 0
+        for name, number, _, persisted in self.store.candidates():
+            if freed >= needed:
+                break
+            if not persisted and self.storage is None:
+                continue
+            with self._guard:
+                lock = self._name_locks.setdefault(name, threading.RLock())
+            if not lock.acquire(blocking=False):
+                continue  # being written right now; try the next one
+            try:
+                if not persisted:
+                    log.info("spilling %s v%d to storage to make room", name, number)
+                    self._persist_current(name, number)
+                freed += self.store.evict(name, number)
+            except FlightcacheError as e:
+                log.warning("could not free %s: %s", name, e)
+            finally:
+                lock.release()
+        return freed
+
+    def evict(self, name: str) -> dict[str, Any]:
+        """Free the memory of a persisted dataset now."""
+        with self._locked(name):
+            version = self.store.current(name)
+            if version is None:
+                return self.store.info(name).to_dict()
+            if self.store.evict(name, version.number) == 0 and self.store.current(name) is not None:
+                raise InvalidRequestError(f"dataset {name!r} is pinned; unpin it before evicting")
+        return self.store.info(name).to_dict()
+
+    def sweep(self) -> None:
+        """Apply TTLs: evict expired persisted datasets, drop expired memory-only ones."""
+        for name, number, persisted in self.store.expired():
+            with self._locked(name):
+                try:
+                    info = self.store.info(name)
+                except DatasetNotFoundError:
+                    continue  # dropped meanwhile
+                if info.state == PERSISTING or info.pinned:
+                    continue  # a write-back is under way (evict after it), or pinned: stays
+                if persisted:
+                    self.store.evict(name, number)
+                elif info.state != IN_STORAGE_ONLY:
+                    log.info("ttl of memory-only dataset %s passed: dropping it", name)
+                    self.store.drop(name)
+
+    def _sweep_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("ttl sweep failed")
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        s = self.store.stats()
+        details = {i.name: i.counters for i in self.store.list()}
+        totals = {k: sum(c[k] for c in details.values()) for k in next(iter(details.values()), {})}
+        with self._guard:
+            pending = len(self._pending)
+        return {
+            **s,
+            **totals,
+            "pending_persists": pending,
+            "storage": self.storage.uri if self.storage else None,
+            "per_dataset": details,
+        }
