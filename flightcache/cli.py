@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="The server reads a Parquet file or directory (hive partitions too), in parallel, as NAME.",
     )
     load.add_argument("name")
-    load.add_argument("uri", help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it")
+    load.add_argument(
+        "source", metavar="URI", help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it"
+    )
     load.add_argument(
         "--mode",
         choices=("overwrite", "append", "create"),
@@ -375,7 +377,7 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
         bar.label = f"load {args.name}: {done}/{total} files"
         bar.update(0, 0)
 
-    result = client.load(args.name, args.uri, args.mode, persist=args.persist, ttl=args.ttl, progress=progress)
+    result = client.load(args.name, args.source, args.mode, persist=args.persist, ttl=args.ttl, progress=progress)
     bar.close()
     _emit(
         args,

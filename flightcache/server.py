@@ -261,6 +261,8 @@ class FlightcacheServer(flight.FlightServerBase):
             result = self.cache.persist(p.name, wait=p.wait)
         elif kind in ("pin", "unpin"):
             name = action_name(body, kind)
+            if kind == "pin":
+                self.cache.get(name)  # pinning keeps it in memory, so bring it there first
             self.store.set_pinned(name, kind == "pin")
             result = self.store.info(name).to_dict()
         elif kind == "evict":

@@ -46,11 +46,14 @@ MANIFEST_FORMAT = 1
 DEFAULT_PART_BYTES = 128 * 1024 * 1024
 _VERSION_DIR = re.compile(r"v(\d+)")
 _TRANSIENT = re.compile(
-    r"slow ?down|throttl|too many requests|request ?timeout|timed? ?out|internal ?error|service ?unavailable"
+    r"slow[ _]?down|throttl|too[ _]many[ _]requests|request[ _]?timeout|timed?[ _]?out|internal[ _]?error"
+    r"|service[ _]?unavailable"
     r"|\b5\d\d\b|connection|connect|reset by peer|broken pipe|network|curl|temporar|unavailable|eof",
     re.IGNORECASE,
 )
-_PERMANENT = re.compile(r"no ?such ?bucket|access ?denied|forbidden|\b403\b|invalid ?access ?key|signature", re.I)
+_PERMANENT = re.compile(
+    r"no[ _]?such[ _]?bucket|access[ _]?denied|forbidden|\b403\b|invalid[ _]?access[ _]?key|signature", re.I
+)
 
 T = TypeVar("T")
 
@@ -403,7 +406,10 @@ def read_external(
     fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
 
     def discover() -> ds.Dataset:
-        return ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        try:
+            return ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        except FileNotFoundError as e:
+            raise StorageError(f"no Parquet files at {uri}: nothing exists there") from e
 
     dataset = retry(f"list {uri}", discover)
     fragments = list(dataset.get_fragments())

@@ -370,16 +370,17 @@ class Store:
 
     def _check_mode(self, name: str, schema: pa.Schema, mode: str) -> None:
         entry = self._entries.get(name)
-        if mode == "create" and entry is not None:
+        held = None if entry is None else entry.current or entry.stored
+        if mode == "create" and held is not None:
             raise DatasetExistsError(
-                f"dataset {name!r} already exists (version {entry.current.number}); "
+                f"dataset {name!r} already exists (version {held.number}); "
                 "use mode 'overwrite' to replace it or 'append' to add rows"
             )
-        if mode == "append" and entry is not None and not entry.current.schema.equals(schema):
+        if mode == "append" and held is not None and not held.schema.equals(schema):
             raise SchemaMismatchError(
                 f"cannot append to dataset {name!r}: the schema differs from the current one "
-                f"(version {entry.current.number}).\n"
-                f"current schema:\n{_show(entry.current.schema)}\n"
+                f"(version {held.number}).\n"
+                f"current schema:\n{_show(held.schema)}\n"
                 f"appended schema:\n{_show(schema)}\n"
                 "cast the data to the current schema, or use mode 'overwrite' to replace it"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import os
@@ -36,6 +37,72 @@ def uri(server: FlightcacheServer) -> str:
 def client(uri: str) -> Iterator[flightcache.Client]:
     with flightcache.connect(uri) as c:
         yield c
+
+
+# -- S3 (a real moto server over HTTP on 127.0.0.1) -------------------------------------------------
+
+
+class MotoS3:
+    """A moto S3 server in this process; ``restart`` stops it and starts it again on the same port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.port = self.server._server.server_port  # type: ignore[union-attr]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+
+@pytest.fixture(scope="module")
+def moto_s3() -> Iterator[MotoS3]:
+    s3 = MotoS3()
+    yield s3
+    s3.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test on the module's moto server; AWS variables point at it."""
+    import re
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 10000}"
+    client = moto_s3.client()
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same tests on a local directory and on S3 (fsspec's abstract-test idea)."""
+    if request.param == "local":
+        return str(tmp_path / "storage")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/cache"
 
 
 def logs_table(rows: int = 10_000, seed: int = 0) -> pa.Table:

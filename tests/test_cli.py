@@ -16,7 +16,7 @@ from conftest import logs_table, run_cli
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A `flightcache serve --port 0` process and its URI."""
     proc = subprocess.Popen(
         [
@@ -28,6 +28,8 @@ def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
             "0",
             "--memory-limit",
             "256MiB",
+            "--storage",
+            str(tmp_path / "storage"),
             "--output",
             "json",
         ],
