@@ -101,10 +101,14 @@ def aligned(batch: pa.RecordBatch) -> pa.RecordBatch:
     """
     if all(address % 8 == 0 for address in buffer_sizes([batch])):
         return batch
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
+    # Sized exactly: a growing BufferOutputStream would keep up to twice the bytes allocated.
+    mock = pa.MockOutputStream()
+    with pa.ipc.new_stream(mock, batch.schema) as writer:
         writer.write_batch(batch)
-    return pa.ipc.open_stream(sink.getvalue()).read_next_batch()
+    buffer = pa.allocate_buffer(mock.size())
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buffer), batch.schema) as writer:
+        writer.write_batch(batch)
+    return pa.ipc.open_stream(buffer).read_next_batch()
 
 
 def _has_dictionary(t: pa.DataType) -> bool:
