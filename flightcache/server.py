@@ -13,8 +13,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,6 +45,25 @@ DEFAULT_ENDPOINT_BYTES = 128 * 1024 * 1024
 DEFAULT_MAX_ENDPOINTS = 64
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Service(Protocol):
+    """Another Flight service sharing the port (SQL): it claims the requests it recognises."""
+
+    def handles_descriptor(self, descriptor: flight.FlightDescriptor) -> bool: ...
+    def handles_ticket(self, ticket: bytes) -> bool: ...
+    def handles_action(self, action_type: str) -> bool: ...
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> Any: ...
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> Any: ...
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None: ...
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterable[bytes]: ...
+    def list_actions(self) -> list[tuple[str, str]]: ...
 
 
 def _translated(fn: F) -> F:
@@ -100,6 +119,7 @@ class FlightcacheServer(flight.FlightServerBase):
         self.cache = cache
         self.store = cache.store
         self.endpoint_bytes = endpoint_bytes
+        self.sql: Service | None = None  # SQL over cached datasets (flightcache.sql), routed below
         self.max_endpoints = max_endpoints
         self._counters_lock = threading.Lock()
         self._counters: dict[str, int] = {
@@ -139,6 +159,8 @@ class FlightcacheServer(flight.FlightServerBase):
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
+        if self.sql is not None and self.sql.handles_descriptor(descriptor):
+            return self.sql.get_flight_info(context, descriptor)
         name, command = descriptor_name(descriptor)
         request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
         version = self.cache.get(request.name, request.version, count=True)
@@ -168,6 +190,8 @@ class FlightcacheServer(flight.FlightServerBase):
 
     @_translated
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        if self.sql is not None and self.sql.handles_ticket(ticket.ticket):
+            return self.sql.do_get(context, ticket)
         t = Ticket.from_bytes(ticket.ticket)
         version = self.cache.get(t.name, t.version)
         request = t.read_request()
@@ -190,6 +214,8 @@ class FlightcacheServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
+        if self.sql is not None and self.sql.handles_descriptor(descriptor):
+            return self.sql.do_put(context, descriptor, reader, writer)
         name, command = descriptor_name(descriptor)
         options = PutOptions.from_bytes(command) if command else None
         first = _next_chunk(reader)
@@ -245,10 +271,12 @@ class FlightcacheServer(flight.FlightServerBase):
     # -- actions ---------------------------------------------------------------------------
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return list(ACTIONS.items())
+        return list(ACTIONS.items()) + (self.sql.list_actions() if self.sql is not None else [])
 
     @_translated
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+        if self.sql is not None and self.sql.handles_action(action.type):
+            return list(self.sql.do_action(context, action))
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
         if kind == "drop":
