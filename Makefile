@@ -5,15 +5,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo demo-quick test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[all]'
 	@touch $(STAMP)
 
+# The log pipeline, four Spark stages handing off through flightcache, moto S3 as the cloud.
 demo: $(STAMP)
-	$(PY) pipelines/demo.py
+	$(PY) pipelines/logs.py run --handoff flightcache --rows 1000000
+
+# Two plain-Python stages through a server: no Spark, a few seconds.
+demo-quick: $(STAMP)
+	$(PY) pipelines/two_stage.py
 
 test: $(STAMP)
 	$(PY) -m ruff check flightcache tests bench pipelines

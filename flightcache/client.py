@@ -12,6 +12,7 @@ shipped to Spark or multiprocessing workers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from .filters import parse_filter
 from .protocol import (
     AbortRequest,
     CommitRequest,
+    EndOfStream,
     LoadRequest,
     PersistRequest,
     PutOptions,
@@ -143,18 +145,28 @@ class Client:
         """
         validate_name(name)
         reader, rows = _as_reader(data, self.batch_rows)
-        options = PutOptions(mode=mode, expect_rows=rows, txn=txn, persist=persist, ttl=ttl)
+        options = PutOptions(mode=mode, expect_rows=rows, txn=txn, persist=persist, ttl=ttl, trailer=True)
 
         def run() -> dict[str, Any]:
             writer, results = self.flight.do_put(flight.FlightDescriptor.for_path(name), reader.schema, self._options())
-            with writer:
+            try:
                 writer.write_metadata(options.to_bytes())
+                sent = 0
                 for batch in reader:
                     writer.write_batch(batch)
+                    sent += batch.num_rows
                     if progress is not None:
                         progress(batch.num_rows, batch.nbytes)
+                writer.write_metadata(EndOfStream(True, sent).to_bytes())
                 writer.done_writing()
                 answer = results.read()
+            except BaseException:
+                # Closing without the end-of-stream message makes the server publish nothing; the
+                # caller sees what went wrong here, not the server's refusal that follows from it.
+                with contextlib.suppress(flight.FlightError, pa.ArrowException):
+                    writer.close()
+                raise
+            writer.close()
             return json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
 
         return self._call(run)
@@ -344,6 +356,8 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Server figures: memory used and limit, datasets, request counters."""
         return self._action("stats")
+
+    # -- SQL -------------------------------------------------------------------------------
 
 
 def _as_reader(data: Any, batch_rows: int) -> tuple[pa.RecordBatchReader, int | None]:

@@ -156,6 +156,7 @@ class PutOptions(_Message):
     txn: str | None = None  # stage as a part of this transaction instead of publishing
     persist: str | None = None  # none, sync or async; default: the server's --persist
     ttl: float | None = None  # seconds in memory before it is evicted (or dropped if memory-only)
+    trailer: bool = False  # the stream ends with an EndOfStream message; without it nothing publishes
 
     _types = {
         "name": (str,),
@@ -164,8 +165,24 @@ class PutOptions(_Message):
         "txn": (str,),
         "persist": (str,),
         "ttl": (int, float),
+        "trailer": (bool,),
     }
     _what = "put options"
+
+
+@dataclass(frozen=True)
+class EndOfStream(_Message):
+    """The last message of a put with ``trailer``: the client finished, having sent ``rows`` rows.
+
+    A client whose data source fails mid-stream closes the stream without it, and the server
+    publishes nothing (a closed stream alone cannot tell a finished put from a failed one).
+    """
+
+    end: bool
+    rows: int
+
+    _types = {"end": (bool,), "rows": (int,)}
+    _what = "end-of-stream message"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .protocol import (
     ACTIONS,
     AbortRequest,
     CommitRequest,
+    EndOfStream,
     LoadRequest,
     PersistRequest,
     PutOptions,
@@ -165,7 +166,7 @@ class FlightcacheServer(flight.FlightServerBase):
         request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
         version = self.cache.get(request.name, request.version, count=True)
         # Fail now, not in do_get, on unknown columns or a filter that does not bind.
-        self.store.scan(version, columns=request.columns, filter=_filter(request), batch_range=(0, 0))
+        self.store.check_read(version, columns=request.columns, filter=_filter(request))
         return self._flight_info(version, request, descriptor)
 
     def _flight_info(
@@ -227,16 +228,26 @@ class FlightcacheServer(flight.FlightServerBase):
         started = time.perf_counter()
         staged = self.store.begin_put(name, reader.schema, options.mode)
         rows = 0
+        ended: EndOfStream | None = None
         try:
             chunk = first
             while chunk is not None:
                 if chunk.data is not None:
+                    if ended is not None:
+                        raise InvalidRequestError(f"put of dataset {name!r} sent data after its end-of-stream message")
                     staged.add(chunk.data)
                     rows += chunk.data.num_rows
+                elif options.trailer and chunk is not first and chunk.app_metadata is not None:
+                    ended = EndOfStream.from_bytes(chunk.app_metadata.to_pybytes())
                 chunk = _next_chunk(reader)
             if context.is_cancelled():
                 raise PutAbortedError(
                     f"put of dataset {name!r} was cancelled by the client after {rows} rows; nothing was published"
+                )
+            if options.trailer and (ended is None or ended.rows != rows):
+                raise PutAbortedError(
+                    f"put of dataset {name!r} ended after {rows} rows without the client's end-of-stream "
+                    "message (its data source failed?); nothing was published"
                 )
             if options.expect_rows is not None and options.expect_rows != rows:
                 raise PutAbortedError(

@@ -30,6 +30,7 @@ from .errors import (
     InvalidRequestError,
     MemoryFullError,
     NotInMemoryError,
+    PutAbortedError,
     SchemaMismatchError,
 )
 
@@ -260,6 +261,7 @@ class Store:
         self._staged = 0  # bytes of puts in progress
         self._next_version: dict[str, int] = {}
         self._txns: dict[str, _Txn] = {}
+        self._aborted: dict[str, float] = {}  # txn -> until when late parts are refused
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -291,6 +293,8 @@ class Store:
     def _stage_part(self, txn: str, staged: StagedPut) -> str:
         with self._lock:
             self._expire_retained()
+            if txn in self._aborted:
+                raise PutAbortedError(f"transaction {txn!r} of dataset {staged.name!r} was aborted; part refused")
             t = self._txns.get(txn)
             if t is None:
                 t = self._txns[txn] = _Txn(staged.name, staged.mode, staged.schema, {}, self._clock())
@@ -367,6 +371,7 @@ class Store:
         """Discard every staged part of ``txn``; returns how many there were (0 if none)."""
         with self._lock:
             t = self._txns.pop(txn, None)
+            self._aborted[txn] = self._clock() + self.txn_timeout
         if t is None:
             return 0
         self._unreserve(sum(p.nbytes for p in t.parts.values()))
@@ -509,6 +514,7 @@ class Store:
                 return entry.current
             for r in self._retained:
                 if r.version.name == name and r.version.number == version:
+                    r.until = max(r.until, self._clock() + self.retain_seconds)  # still being read
                     return r.version
             raise DatasetNotFoundError(
                 f"version {version} of dataset {name!r} is no longer held (the current version "
@@ -649,6 +655,17 @@ class Store:
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             raise InvalidRequestError(f"cannot apply filter {filter} to dataset {version.name!r}: {e}") from e
 
+    def check_read(
+        self, version: Version, *, columns: list[str] | None = None, filter: pc.Expression | None = None
+    ) -> None:
+        """Fail now, not mid-stream, on unknown columns or a filter that does not bind to the schema."""
+        nulls = pa.RecordBatch.from_arrays([pa.nulls(1, f.type) for f in version.schema], schema=version.schema)
+        probe = Version(version.name, version.number, version.schema, (nulls,), 1, 0, version.created)
+        try:  # an empty scan never evaluates the filter; one row of nulls does
+            self.scan(probe, columns=columns, filter=filter).read_all()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise InvalidRequestError(f"cannot apply filter {filter} to dataset {version.name!r}: {e}") from e
+
     # -- catalog ---------------------------------------------------------------------------
 
     def list(self) -> list[DatasetInfo]:
@@ -757,6 +774,7 @@ class Store:
         now = self._clock()
         for txn in [k for k, t in self._txns.items() if t.touched + self.txn_timeout <= now]:
             self.abort(txn)  # its writer went away without committing or aborting
+        self._aborted = {k: until for k, until in self._aborted.items() if until > now}
 
     def _release_retained(self, everything: bool) -> None:
         now = self._clock()

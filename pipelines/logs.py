@@ -62,7 +62,8 @@ def generate(rows: int, dest: str, files: int = 8, seed: int = 42) -> dict[str, 
         if n <= 0:
             break
         rng = np.random.default_rng(seed + i)
-        ips = [f"10.{a}.{b}.{c}" for a, b, c in rng.integers(0, 64, (n, 3))]
+        clients = rng.integers(0, max(64, rows // 40), n)  # about 40 requests per client a day
+        ips = [f"10.{c >> 16 & 255}.{c >> 8 & 255}.{c & 255}" for c in clients.tolist()]
         ts = pa.array(start + np.sort(rng.integers(i * 86_400 // files, (i + 1) * 86_400 // files, n)),
                       pa.timestamp("s"))
         stamp = pc.strftime(ts, format="%d/%b/%Y:%H:%M:%S +0000")
@@ -119,7 +120,7 @@ def stage_parse(h: Handoff) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     spark = spark_session("logs-2-parse")
-    raw = h.read(spark, "logs/raw")
+    raw = h.read(spark, "logs/raw").where(F.col("line").rlike(LINE_PATTERN))  # drop garbled lines
     fields = [F.regexp_extract("line", LINE_PATTERN, i) for i in range(1, 10)]
     parsed = raw.select(
         fields[0].alias("ip"),

@@ -183,3 +183,35 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+# -- Spark -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[object]:
+    """One local Spark session for the whole run, with the flightcache format registered."""
+    with pytest.MonkeyPatch.context() as mp:
+        # Spark's Python workers must run this interpreter, which has flightcache installed.
+        mp.setenv("PYSPARK_PYTHON", sys.executable)
+        mp.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
+        from pyspark.sql import SparkSession
+
+        import flightcache.spark
+
+        session = (
+            SparkSession.builder.master("local[2]")
+            .appName("flightcache-tests")
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.shuffle.partitions", "2")
+            .config("spark.default.parallelism", "2")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            # for the tests of option("pushdown", "true"), which needs it (pyspark's default is false)
+            .config("spark.sql.python.filterPushdown.enabled", "true")
+            .getOrCreate()
+        )
+        session.sparkContext.setLogLevel("ERROR")
+        flightcache.spark.register(session)
+        yield session
+        session.stop()

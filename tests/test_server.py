@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -485,3 +486,69 @@ def test_abandoned_transaction_expires() -> None:
     staged.stage("t")
     assert store.stats()["open_transactions"] == 0  # stats expires it at once with a zero timeout
     assert store.stats()["memory_staged"] == 0
+
+
+def _failing_reader(rows_before_failure: int) -> pa.RecordBatchReader:
+    table = logs_table(rows_before_failure)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield from table.to_batches(max_chunksize=100)
+        raise RuntimeError("the source broke")
+
+    return pa.RecordBatchReader.from_batches(table.schema, batches())
+
+
+@pytest.mark.parametrize("txn", [None, "job-x"])
+def test_source_failing_mid_stream_publishes_nothing(client: flightcache.Client, txn: str | None) -> None:
+    """A client whose data source raises mid-put closes the stream without its end-of-stream
+    message: nothing is published or staged, the old version stays."""
+    client.put("src", logs_table(5))
+    with pytest.raises(RuntimeError, match="the source broke"):
+        client.put("src", _failing_reader(600), txn=txn)
+    _wait_until(lambda: client.stats()["puts_aborted"] == 1)
+    s = client.stats()
+    assert s["open_transactions"] == 0 and s["memory_staged"] == 0
+    assert client.info("src")["rows"] == 5
+
+
+def test_plain_put_without_trailer_still_publishes(uri: str) -> None:
+    """The trailer is the flightcache client's opt-in; plain Flight clients need none."""
+    plain = flight.connect(uri)
+    table = logs_table(10)
+    writer, _ = plain.do_put(flight.FlightDescriptor.for_path("plain"), table.schema)
+    writer.write_table(table)
+    writer.close()
+    assert flightcache.connect(uri).info("plain")["rows"] == 10
+
+
+def test_part_arriving_after_abort_is_refused(client: flightcache.Client) -> None:
+    client.put("out", logs_table(3), txn="job-late")
+    client.abort("job-late")
+    with pytest.raises(PutAbortedError, match="aborted"):
+        client.put("out", logs_table(3), txn="job-late")
+    assert client.stats()["memory_staged"] == 0
+
+
+def test_reading_a_retained_version_extends_its_life() -> None:
+    clock = {"now": 1000.0}
+    store = Store(retain_seconds=30, clock=lambda: clock["now"])
+    store.put("a", logs_table(10))
+    store.put("a", logs_table(20))
+    clock["now"] += 25
+    assert store.get("a", version=1).num_rows == 10  # read at +25 s: kept until +55 s
+    clock["now"] += 25
+    assert store.get("a", version=1).num_rows == 10
+
+
+def test_filter_that_cannot_bind_fails_at_flight_info(client: flightcache.Client) -> None:
+    """A type error in a filter is reported by get_flight_info, before any stream starts."""
+    client.put("typed", logs_table(10))
+    with pytest.raises(InvalidRequestError, match="cannot apply filter"):
+        client.flight_info("typed", filter="method > 5")
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)

@@ -1,4 +1,4 @@
-"""`make demo`: a two-stage hand-off through a flightcache server, each stage its own process.
+"""`make demo-quick`: a two-stage hand-off through a flightcache server, each stage its own process.
 
 stage 1 (ingest)    generates web-access logs and puts them into the cache as `demo/logs`
 stage 2 (aggregate) a separate process: reads `demo/logs` back (status >= 400 only, three
