@@ -49,14 +49,37 @@ class Handoff:
     def write(self, df: Any, name: str) -> None:
         """Hand ``df`` off as ``name`` (replacing an earlier run's)."""
         if self.mode == "flightcache":
-            (df.write.format("flightcache").option("uri", self.cache_uri).option("persist", self.persist)
-             .mode("overwrite").save(name))
+            (
+                df.write.format("flightcache")
+                .option("uri", self.cache_uri)
+                .option("persist", self.persist)
+                .mode("overwrite")
+                .save(name)
+            )
         elif self.mode == "s3":
             df.write.format("arrow-parquet").mode("overwrite").save(f"{self.s3_prefix}/handoff/{name}")
         elif self.mode == "local":
             df.write.mode("overwrite").parquet(f"{self.local_dir}/{name}")
         else:
             raise ValueError(f"unknown hand-off {self.mode!r}: use one of {HANDOFFS}")
+
+    def count(self, spark: Any, name: str) -> int:
+        """Rows handed off as ``name``, from metadata (not by reading the data back)."""
+        if self.mode == "flightcache":
+            import flightcache
+
+            with flightcache.connect(self.cache_uri) as fc:
+                return int(fc.info(name)["rows"])
+        if self.mode == "s3":
+            import pyarrow.fs as pafs
+            import pyarrow.parquet as pq
+
+            from flightcache.storage import filesystem
+
+            fs, root = filesystem(f"{self.s3_prefix}/handoff/{name}")
+            files = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.endswith(".parquet")]
+            return sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+        return int(self.read(spark, name).count())  # Spark's Parquet counts from footers
 
     def read(self, spark: Any, name: str) -> Any:
         """The DataFrame an earlier stage handed off as ``name``."""
@@ -117,25 +140,47 @@ def moto_s3(bucket: str) -> Iterator[dict[str, str]]:
     import boto3
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for_port(port)
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=bucket)
         yield env
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
+@dataclass(frozen=True)
+class Server:
+    uri: str
+    pid: int
+
+
 @contextmanager
-def flightcache_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """A ``flightcache serve`` process on a free port; yields its URI."""
-    proc = subprocess.Popen([sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json",
-                             *args], stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+def flightcache_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A ``flightcache serve`` process on a free port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -144,7 +189,7 @@ def flightcache_server(*args: str, env: dict[str, str] | None = None) -> Iterato
             if not line:
                 raise RuntimeError("flightcache serve exited before it was ready")
             lines.append(line)
-        yield json.loads("".join(lines))["uri"]
+        yield Server(json.loads("".join(lines))["uri"], proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -155,8 +200,9 @@ def flightcache_server(*args: str, env: dict[str, str] | None = None) -> Iterato
 def run_stage(script: Path, args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run one stage as its own process; it prints a JSON summary as its last line."""
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                         env={**os.environ, **env})
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env={**os.environ, **env}
+    )
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
         raise RuntimeError(f"stage {' '.join(args)} failed with exit status {out.returncode}")

@@ -1,12 +1,12 @@
 """IoT sensor windows: a Spark stage produces, a pandas stage (no Spark) consumes.
 
-    stage 1 (Spark)   deterministic sensor readings -> 5-minute windows per sensor
-                      (mean, min, max, count) -> flightcache dataset iot/windows
-    stage 2 (pandas)  a separate plain-Python process reads iot/windows with the flightcache
-                      client (only the columns it needs) and flags windows whose mean is more than
-                      3 standard deviations from that sensor's norm
+stage 1 (Spark)   deterministic sensor readings -> 5-minute windows per sensor
+                  (mean, min, max, count) -> flightcache dataset iot/windows
+stage 2 (pandas)  a separate plain-Python process reads iot/windows with the flightcache
+                  client (only the columns it needs) and flags windows whose mean is more than
+                  3 standard deviations from that sensor's norm
 
-    python pipelines/iot.py --rows 500000
+python pipelines/iot.py --rows 500000
 """
 
 from __future__ import annotations
@@ -33,19 +33,29 @@ def stage_windows(uri: str, rows: int, sensors: int) -> dict[str, Any]:
         .withColumn("sensor", F.concat(F.lit("sensor-"), (F.col("id") % sensors).cast("string")))
         .withColumn("ts", F.timestamp_seconds(F.lit(1_795_000_000) + (F.col("id") / sensors * 10).cast("long")))
         # a deterministic signal per sensor, with a fault on sensor-3 for an hour
-        .withColumn("value", F.sin(F.col("id") / 1000.0) * 10 + (F.col("id") % sensors) * 2
-                    + F.when((F.col("id") % sensors == 3) & (F.col("id") / sensors).between(2000, 2360), 40)
-                    .otherwise(0))
+        .withColumn(
+            "value",
+            F.sin(F.col("id") / 1000.0) * 10
+            + (F.col("id") % sensors) * 2
+            + F.when((F.col("id") % sensors == 3) & (F.col("id") / sensors).between(2000, 2360), 40).otherwise(0),
+        )
     )
     windows = (
         readings.groupBy("sensor", F.window("ts", "5 minutes").alias("w"))
-        .agg(F.avg("value").alias("mean"), F.min("value").alias("min"), F.max("value").alias("max"),
-             F.count("*").alias("readings"))
+        .agg(
+            F.avg("value").alias("mean"),
+            F.min("value").alias("min"),
+            F.max("value").alias("max"),
+            F.count("*").alias("readings"),
+        )
         .select("sensor", F.col("w.start").alias("window_start"), "mean", "min", "max", "readings")
     )
     windows.write.format("flightcache").option("uri", uri).mode("overwrite").save("iot/windows")
-    return {"stage": "windows", "readings": rows,
-            "windows": spark.read.format("flightcache").option("uri", uri).load("iot/windows").count()}
+    return {
+        "stage": "windows",
+        "readings": rows,
+        "windows": spark.read.format("flightcache").option("uri", uri).load("iot/windows").count(),
+    }
 
 
 def stage_anomalies(uri: str) -> dict[str, Any]:
@@ -57,8 +67,12 @@ def stage_anomalies(uri: str) -> dict[str, Any]:
     df = df.join(norm, on="sensor", rsuffix="_norm")
     df["z"] = (df["mean"] - df["mean_norm"]) / df["std"]
     flagged = df[df["z"].abs() > 3].sort_values(["sensor", "window_start"])
-    return {"stage": "anomalies", "windows": len(df), "flagged": len(flagged),
-            "sensors_flagged": sorted(flagged["sensor"].unique().tolist())}
+    return {
+        "stage": "anomalies",
+        "windows": len(df),
+        "flagged": len(flagged),
+        "sensors_flagged": sorted(flagged["sensor"].unique().tolist()),
+    }
 
 
 def main() -> int:
@@ -77,19 +91,24 @@ def main() -> int:
 
     def both(uri: str) -> None:
         started = time.perf_counter()
-        one = run_stage(HERE, ["--stage", "windows", "--uri", uri, "--rows", str(args.rows),
-                               "--sensors", str(args.sensors)], {})
-        print(f"[stage 1] Spark: {one['readings']:,} readings -> {one['windows']:,} five-minute windows "
-              f"in iot/windows ({one['wall_s']:.1f}s)")
+        one = run_stage(
+            HERE, ["--stage", "windows", "--uri", uri, "--rows", str(args.rows), "--sensors", str(args.sensors)], {}
+        )
+        print(
+            f"[stage 1] Spark: {one['readings']:,} readings -> {one['windows']:,} five-minute windows "
+            f"in iot/windows ({one['wall_s']:.1f}s)"
+        )
         two = run_stage(HERE, ["--stage", "anomalies", "--uri", uri], {})
-        print(f"[stage 2] pandas: read {two['windows']:,} windows, flagged {two['flagged']} in "
-              f"{two['sensors_flagged']} ({two['wall_s']:.1f}s); total {time.perf_counter() - started:.1f}s")
+        print(
+            f"[stage 2] pandas: read {two['windows']:,} windows, flagged {two['flagged']} in "
+            f"{two['sensors_flagged']} ({two['wall_s']:.1f}s); total {time.perf_counter() - started:.1f}s"
+        )
 
     if args.uri:
         both(args.uri)
     else:
-        with flightcache_server("--storage", "none", env=dict(os.environ)) as uri:
-            both(uri)
+        with flightcache_server("--storage", "none", env=dict(os.environ)) as server:
+            both(server.uri)
     return 0
 
 

@@ -28,16 +28,52 @@ from common import HANDOFFS, Handoff, flightcache_server, moto_s3, reset_dir, ru
 
 HERE = Path(__file__).resolve()
 BUCKET = "pipeline-data"
-PAGES = ["/", "/login", "/logout", "/search", "/cart", "/checkout", "/account", "/help", "/api/items",
-         "/api/cart", "/api/user", "/api/search", "/static/app.js", "/static/app.css", "/blog", "/blog/post"]
-SECTIONS = {"/": "home", "/login": "account", "/logout": "account", "/search": "search", "/cart": "shop",
-            "/checkout": "shop", "/account": "account", "/help": "support", "/api/items": "api",
-            "/api/cart": "api", "/api/user": "api", "/api/search": "api", "/static/app.js": "static",
-            "/static/app.css": "static", "/blog": "content", "/blog/post": "content"}
-AGENTS = ["Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0", "Mozilla/5.0 (Macintosh) Safari/605.1.15",
-          "Mozilla/5.0 (Windows NT 10.0) Chrome/131.0", "curl/8.11.0", "Googlebot/2.1 (+http://www.google.com/bot)",
-          "Mozilla/5.0 (compatible; bingbot/2.0)", "python-requests/2.32"]
-LINE_PATTERN = (r'^(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+) "([^"]*)" "([^"]*)" (\d+)$')
+PAGES = [
+    "/",
+    "/login",
+    "/logout",
+    "/search",
+    "/cart",
+    "/checkout",
+    "/account",
+    "/help",
+    "/api/items",
+    "/api/cart",
+    "/api/user",
+    "/api/search",
+    "/static/app.js",
+    "/static/app.css",
+    "/blog",
+    "/blog/post",
+]
+SECTIONS = {
+    "/": "home",
+    "/login": "account",
+    "/logout": "account",
+    "/search": "search",
+    "/cart": "shop",
+    "/checkout": "shop",
+    "/account": "account",
+    "/help": "support",
+    "/api/items": "api",
+    "/api/cart": "api",
+    "/api/user": "api",
+    "/api/search": "api",
+    "/static/app.js": "static",
+    "/static/app.css": "static",
+    "/blog": "content",
+    "/blog/post": "content",
+}
+AGENTS = [
+    "Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0",
+    "Mozilla/5.0 (Macintosh) Safari/605.1.15",
+    "Mozilla/5.0 (Windows NT 10.0) Chrome/131.0",
+    "curl/8.11.0",
+    "Googlebot/2.1 (+http://www.google.com/bot)",
+    "Mozilla/5.0 (compatible; bingbot/2.0)",
+    "python-requests/2.32",
+]
+LINE_PATTERN = r'^(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+) "([^"]*)" "([^"]*)" (\d+)$'
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -64,8 +100,9 @@ def generate(rows: int, dest: str, files: int = 8, seed: int = 42) -> dict[str, 
         rng = np.random.default_rng(seed + i)
         clients = rng.integers(0, max(64, rows // 40), n)  # about 40 requests per client a day
         ips = [f"10.{c >> 16 & 255}.{c >> 8 & 255}.{c & 255}" for c in clients.tolist()]
-        ts = pa.array(start + np.sort(rng.integers(i * 86_400 // files, (i + 1) * 86_400 // files, n)),
-                      pa.timestamp("s"))
+        ts = pa.array(
+            start + np.sort(rng.integers(i * 86_400 // files, (i + 1) * 86_400 // files, n)), pa.timestamp("s")
+        )
         stamp = pc.strftime(ts, format="%d/%b/%Y:%H:%M:%S +0000")
         methods = rng.choice(["GET"] * 8 + ["POST", "PUT"], n)
         paths = rng.choice(PAGES, n)
@@ -75,9 +112,22 @@ def generate(rows: int, dest: str, files: int = 8, seed: int = 42) -> dict[str, 
         agents = rng.choice(AGENTS, n, p=[0.3, 0.2, 0.3, 0.05, 0.08, 0.04, 0.03])
         latency_us = (rng.gamma(2.0, 40_000.0, n)).astype(np.int64)
         line = pc.binary_join_element_wise(
-            pa.array(ips), " - - [", stamp, '] "', pa.array(methods), " ", pa.array(np.char.add(paths, query)),
-            ' HTTP/1.1" ', pa.array(status.astype(str)), " ", pa.array(size.astype(str)), ' "-" "',
-            pa.array(agents), '" ', pa.array(latency_us.astype(str)), "",
+            pa.array(ips),
+            " - - [",
+            stamp,
+            '] "',
+            pa.array(methods),
+            " ",
+            pa.array(np.char.add(paths, query)),
+            ' HTTP/1.1" ',
+            pa.array(status.astype(str)),
+            " ",
+            pa.array(size.astype(str)),
+            ' "-" "',
+            pa.array(agents),
+            '" ',
+            pa.array(latency_us.astype(str)),
+            "",
         )
         if i == 0:  # a few lines a real log has: blank and garbled
             line = pa.concat_arrays([line, pa.array(["", "garbled \x00 line", "   "])])
@@ -97,8 +147,9 @@ def write_pages(dest: str) -> None:
 
     fs, root = filesystem(dest)
     fs.create_dir(root, recursive=True)
-    table = pa.table({"path": PAGES, "section": [SECTIONS[p] for p in PAGES],
-                      "team": [f"team-{SECTIONS[p]}" for p in PAGES]})
+    table = pa.table(
+        {"path": PAGES, "section": [SECTIONS[p] for p in PAGES], "team": [f"team-{SECTIONS[p]}" for p in PAGES]}
+    )
     with fs.open_output_stream(f"{root}/pages.parquet") as out:
         pq.write_table(table, out)
 
@@ -113,7 +164,7 @@ def stage_ingest(h: Handoff) -> dict[str, Any]:
     raw = spark.read.format("arrow-parquet").load(f"{h.s3_prefix}/raw/logs")
     lines = raw.where(F.length(F.trim("line")) > 0).withColumn("ingested_at", F.lit("2026-11-25T00:00:00Z"))
     h.write(lines, "logs/raw")
-    return {"stage": "ingest", "rows_out": {"logs/raw": h.read(spark, "logs/raw").count()}}
+    return {"stage": "ingest", "rows_out": {"logs/raw": h.count(spark, "logs/raw")}}
 
 
 def stage_parse(h: Handoff) -> dict[str, Any]:
@@ -140,7 +191,7 @@ def stage_parse(h: Handoff) -> dict[str, Any]:
         .withColumn("hour", F.date_trunc("hour", "ts"))
     )
     h.write(clean, "logs/clean")
-    return {"stage": "parse", "rows_out": {"logs/clean": h.read(spark, "logs/clean").count()}}
+    return {"stage": "parse", "rows_out": {"logs/clean": h.count(spark, "logs/clean")}}
 
 
 def stage_sessionize(h: Handoff) -> dict[str, Any]:
@@ -177,8 +228,10 @@ def stage_sessionize(h: Handoff) -> dict[str, Any]:
     )
     h.write(sessions, "logs/sessions")
     h.write(hourly, "logs/hourly")
-    return {"stage": "sessionize", "rows_out": {"logs/sessions": h.read(spark, "logs/sessions").count(),
-                                                "logs/hourly": h.read(spark, "logs/hourly").count()}}
+    return {
+        "stage": "sessionize",
+        "rows_out": {"logs/sessions": h.count(spark, "logs/sessions"), "logs/hourly": h.count(spark, "logs/hourly")},
+    }
 
 
 def stage_report(h: Handoff, out: str | None) -> dict[str, Any]:
@@ -189,7 +242,9 @@ def stage_report(h: Handoff, out: str | None) -> dict[str, Any]:
     hourly = h.read(spark, "logs/hourly").join(F.broadcast(pages), "path", "left")
     sessions = h.read(spark, "logs/sessions").join(
         F.broadcast(pages.withColumnRenamed("path", "entry_path").withColumnRenamed("section", "entry_section")),
-        "entry_path", "left")
+        "entry_path",
+        "left",
+    )
     traffic = hourly.groupBy("hour", "section").agg(
         F.sum("requests").alias("requests"),
         F.sum("errors").alias("errors"),
@@ -215,20 +270,40 @@ def stage_report(h: Handoff, out: str | None) -> dict[str, Any]:
         with open(out, "w") as f:
             json.dump([r.asDict() for r in rows], f, default=str, indent=0)
     top = sorted(rows, key=lambda r: -r["errors"])[:5]
-    return {"stage": "report", "rows_out": {"logs/report": len(rows)},
-            "worst_hours": [{"hour": str(r["hour"]), "section": r["section"], "errors": r["errors"],
-                             "requests": r["requests"]} for r in top]}
+    return {
+        "stage": "report",
+        "rows_out": {"logs/report": len(rows)},
+        "worst_hours": [
+            {"hour": str(r["hour"]), "section": r["section"], "errors": r["errors"], "requests": r["requests"]}
+            for r in top
+        ],
+    }
 
 
-STAGES = {"1": ("ingest", stage_ingest), "2": ("parse", stage_parse), "3": ("sessionize", stage_sessionize),
-          "4": ("report", stage_report)}
+STAGES = {
+    "1": ("ingest", stage_ingest),
+    "2": ("parse", stage_parse),
+    "3": ("sessionize", stage_sessionize),
+    "4": ("report", stage_report),
+}
 
 
 # -- run ----------------------------------------------------------------------------------------------
 
 
-def run(handoff: str, *, rows: int, files: int, work: Path, cache_uri: str | None, persist: str,
-        report_out: str | None, env: dict[str, str], s3_prefix: str, quiet: bool = False) -> dict[str, Any]:
+def run(
+    handoff: str,
+    *,
+    rows: int,
+    files: int,
+    work: Path,
+    cache_uri: str | None,
+    persist: str,
+    report_out: str | None,
+    env: dict[str, str],
+    s3_prefix: str,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Run the four stages with one hand-off mode, the services already running."""
     if handoff == "local":
         reset_dir(work / "handoff")
@@ -249,11 +324,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate the input (unless it is there) and run all four stages")
-    r.add_argument("--handoff", choices=HANDOFFS, default="flightcache", help="how stages hand off (default: %(default)s)")
+    r.add_argument(
+        "--handoff", choices=HANDOFFS, default="flightcache", help="how stages hand off (default: %(default)s)"
+    )
     r.add_argument("--rows", type=int, default=1_000_000, help="raw log lines to generate (default: %(default)s)")
     r.add_argument("--files", type=int, default=8, help="raw Parquet files (default: %(default)s)")
-    r.add_argument("--persist", choices=("none", "sync", "async"), default="none",
-                   help="persistence of flightcache hand-offs (default: %(default)s)")
+    r.add_argument(
+        "--persist",
+        choices=("none", "sync", "async"),
+        default="none",
+        help="persistence of flightcache hand-offs (default: %(default)s)",
+    )
     r.add_argument("--work", default=".flightcache/pipeline", help="scratch directory (default: %(default)s)")
     r.add_argument("--report-out", help="also write the final report rows to this JSON file")
     r.add_argument("--cache-uri", help="use this flightcache server instead of starting one")
@@ -268,7 +349,7 @@ def main() -> int:
 
     if args.command == "stage":
         h = Handoff.from_env()
-        label, fn = STAGES[args.number]
+        _, fn = STAGES[args.number]
         started = time.perf_counter()
         summary = fn(h, args.report_out) if args.number == "4" else fn(h)
         summary["spark_s"] = time.perf_counter() - started
@@ -286,22 +367,48 @@ def main() -> int:
         started = time.perf_counter()
         info = generate(args.rows, f"{prefix}/raw/logs", args.files)
         write_pages(f"{prefix}/dims/pages")
-        print(f"[cloud]   moto S3 at {env['AWS_ENDPOINT_URL']}: {info['rows']:,} raw log lines in {info['files']} "
-              f"Parquet files under {prefix}/raw/logs ({time.perf_counter() - started:.1f}s)", flush=True)
+        print(
+            f"[cloud]   moto S3 at {env['AWS_ENDPOINT_URL']}: {info['rows']:,} raw log lines in {info['files']} "
+            f"Parquet files under {prefix}/raw/logs ({time.perf_counter() - started:.1f}s)",
+            flush=True,
+        )
         if args.handoff == "flightcache" and not args.cache_uri:
-            with flightcache_server("--storage", f"{prefix}/cache" if args.persist != "none" else "none",
-                                    env=env) as uri:
-                print(f"[cache]   flightcache serving at {uri}", flush=True)
-                result = run(args.handoff, rows=args.rows, files=args.files, work=work, cache_uri=uri,
-                             persist=args.persist, report_out=args.report_out, env=env, s3_prefix=prefix)
+            with flightcache_server(
+                "--storage", f"{prefix}/cache" if args.persist != "none" else "none", env=env
+            ) as server:
+                print(f"[cache]   flightcache serving at {server.uri}", flush=True)
+                result = run(
+                    args.handoff,
+                    rows=args.rows,
+                    files=args.files,
+                    work=work,
+                    cache_uri=server.uri,
+                    persist=args.persist,
+                    report_out=args.report_out,
+                    env=env,
+                    s3_prefix=prefix,
+                )
         else:
-            result = run(args.handoff, rows=args.rows, files=args.files, work=work, cache_uri=args.cache_uri,
-                         persist=args.persist, report_out=args.report_out, env=env, s3_prefix=prefix)
+            result = run(
+                args.handoff,
+                rows=args.rows,
+                files=args.files,
+                work=work,
+                cache_uri=args.cache_uri,
+                persist=args.persist,
+                report_out=args.report_out,
+                env=env,
+                s3_prefix=prefix,
+            )
     report = result["stages"][-1]
-    print(f"[done]    {args.handoff} hand-off: 4 stages in {result['total_s']:.1f}s; the report has "
-          f"{report['rows_out']['logs/report']:,} rows (hour x section)")
+    print(
+        f"[done]    {args.handoff} hand-off: 4 stages in {result['total_s']:.1f}s; the report has "
+        f"{report['rows_out']['logs/report']:,} rows (hour x section)"
+    )
     for w in report["worst_hours"]:
-        print(f"          worst: {w['hour']} {w['section']:<8} {w['errors']:>6,} errors in {w['requests']:>8,} requests")
+        print(
+            f"          worst: {w['hour']} {w['section']:<8} {w['errors']:>6,} errors in {w['requests']:>8,} requests"
+        )
     return 0
 
 
