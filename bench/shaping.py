@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -57,8 +58,13 @@ class _Bucket:
             await asyncio.sleep(self.next_free - now)
 
 
-async def _pipe_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bucket: _Bucket,
-                         requested: asyncio.Event, last_request: list[float]) -> None:
+async def _pipe_requests(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    bucket: _Bucket,
+    requested: asyncio.Event,
+    last_request: list[float],
+) -> None:
     while data := await reader.read(CHUNK):
         await bucket.take(len(data))
         writer.write(data)
@@ -68,9 +74,15 @@ async def _pipe_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.close()
 
 
-async def _pipe_responses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bucket: _Bucket,
-                          requested: asyncio.Event, last_request: list[float], shape: Shape,
-                          rng: random.Random) -> None:
+async def _pipe_responses(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    bucket: _Bucket,
+    requested: asyncio.Event,
+    last_request: list[float],
+    shape: Shape,
+    rng: random.Random,
+) -> None:
     while data := await reader.read(CHUNK):
         if requested.is_set():  # the first bytes of a response: hold them for the first-byte latency
             requested.clear()
@@ -84,8 +96,9 @@ async def _pipe_responses(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.close()
 
 
-async def serve(upstream_host: str, upstream_port: int, shape: Shape, port: int = 0,
-                ready: asyncio.Future[int] | None = None) -> None:
+async def serve(
+    upstream_host: str, upstream_port: int, shape: Shape, port: int = 0, ready: asyncio.Future[int] | None = None
+) -> None:
     rng = random.Random(shape.seed)
     rate = shape.bandwidth_mbps * 1e6
 
@@ -125,20 +138,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the S3 server to shape")
     parser.add_argument("--port", type=int, default=0, help="port to listen on, 0 for any (default: %(default)s)")
-    parser.add_argument("--latency-ms", type=float, default=Shape.latency_ms,
-                        help="first-byte latency per request (default: %(default)s)")
-    parser.add_argument("--bandwidth-mbps", type=float, default=Shape.bandwidth_mbps,
-                        help="MB/s per connection and direction, 0 for unlimited (default: %(default)s)")
-    parser.add_argument("--jitter", type=float, default=Shape.jitter,
-                        help="sigma of the log-normal latency factor, 0 for none (default: %(default)s)")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=Shape.latency_ms,
+        help="first-byte latency per request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bandwidth-mbps",
+        type=float,
+        default=Shape.bandwidth_mbps,
+        help="MB/s per connection and direction, 0 for unlimited (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=Shape.jitter,
+        help="sigma of the log-normal latency factor, 0 for none (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="jitter seed (default: %(default)s)")
     args = parser.parse_args()
     host, _, port = args.upstream.rpartition(":")
     shape = Shape(args.latency_ms, args.bandwidth_mbps, args.jitter, args.seed)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host or "127.0.0.1", int(port), shape, args.port))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
