@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/flight_throughput.py
+	$(PY) bench/storage.py
+	$(PY) bench/sql.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .flightcache
