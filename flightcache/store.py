@@ -313,18 +313,6 @@ class Store:
             t.touched = self._clock()
             return part
 
-    def commit(
-        self,
-        txn: str,
-        name: str,
-        mode: str = "overwrite",
-        *,
-        parts: list[str] | None = None,
-        schema: pa.Schema | None = None,
-    ) -> Version:
-        """Publish the staged parts of ``txn`` (all, or those listed, in that order) as one version."""
-        return self.take_parts(txn, name, mode, parts=parts, schema=schema).publish()
-
     def take_parts(
         self,
         txn: str,
