@@ -40,6 +40,7 @@ def machine_info() -> dict[str, Any]:
         import flightcache
 
         info["flightcache"] = flightcache.__version__
+        info["flightcache_sources_sha256"] = sources_digest("flightcache")
     except ImportError:
         pass
     return info
@@ -63,6 +64,20 @@ def _meminfo_total() -> int | None:
     except OSError:
         pass
     return None
+
+
+def sources_digest(package: str) -> str | None:
+    """sha256 over a package's .py files, to tell which state of the code a run measured."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def rss_bytes(pid: int) -> int:

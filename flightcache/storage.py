@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -416,6 +417,7 @@ def read_external(
     if not fragments:
         raise StorageError(f"no Parquet files at {uri}")
     done = 0
+    lock = threading.Lock()
 
     def read(fragment: ds.ParquetFileFragment) -> pa.Table:
         nonlocal done
@@ -431,9 +433,10 @@ def read_external(
             return table.select(dataset.schema.names).cast(dataset.schema)
 
         table = retry(f"read {fs.type_name}://{fragment.path}", whole)
-        done += 1
-        if progress is not None:
-            progress(done, len(fragments))
+        with lock:  # pool threads finish concurrently
+            done += 1
+            if progress is not None:
+                progress(done, len(fragments))
         return table
 
     with ThreadPoolExecutor(min(threads, len(fragments))) as pool:
