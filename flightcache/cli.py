@@ -129,13 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     put.add_argument("name")
     put.add_argument("path", help="a .parquet file or a directory of Parquet files")
-    put.add_argument(
-        "--mode",
-        choices=("overwrite", "append", "create"),
-        default="overwrite",
-        help="overwrite replaces, append adds rows (same schema), create fails if NAME exists (default: %(default)s)",
-    )
-    _persist_flags(put)
+    _write_flags(put)
 
     load = sub.add_parser(
         "load",
@@ -147,13 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "source", metavar="URI", help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it"
     )
-    load.add_argument(
-        "--mode",
-        choices=("overwrite", "append", "create"),
-        default="overwrite",
-        help="as for put (default: %(default)s)",
-    )
-    _persist_flags(load)
+    _write_flags(load)
 
     persist = sub.add_parser(
         "persist",
@@ -184,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--filter", help=FILTER_HELP)
     get.add_argument("--limit", type=int, default=20, help="rows to print without -o (default: %(default)s)")
 
+    sql = sub.add_parser(
+        "sql",
+        parents=[common],
+        help="run a SQL query on the server (to the terminal, a Parquet file or a new dataset)",
+        description="Run a DuckDB SQL query on the server, where every dataset is a table by its name "
+        "(quote names with '/': SELECT * FROM \"logs/raw\"). Print the first rows, write them with -o, or store "
+        "them as a dataset with --into.",
+    )
+    sql.add_argument("query", help="the SQL text")
+    sql.add_argument("-o", "--out", help="write the result to this Parquet file")
+    sql.add_argument("--into", metavar="NAME", help="store the result on the server as dataset NAME")
+    sql.add_argument(
+        "--mode",
+        choices=("overwrite", "append", "create"),
+        default="overwrite",
+        help="with --into: as for put (default: %(default)s)",
+    )
+    _persist_flags(sql)
+    sql.add_argument("--timeout", type=float, help="seconds before the server interrupts the query")
+    sql.add_argument("--limit", type=int, default=20, help="rows to print without -o or --into (default: %(default)s)")
+
     drop = sub.add_parser(
         "drop", parents=[common], help="drop a dataset", description="Drop a dataset and free its memory."
     )
@@ -212,6 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flightcache {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _write_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode",
+        choices=("overwrite", "append", "create"),
+        default="overwrite",
+        help="overwrite replaces, append adds rows (same schema), create fails if NAME exists (default: %(default)s)",
+    )
+    _persist_flags(parser)
 
 
 def _persist_flags(parser: argparse.ArgumentParser) -> None:
@@ -458,6 +477,38 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(client: Client, args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    if args.into:
+        if args.out:
+            raise ValueError("give either -o FILE or --into NAME, not both")
+        r = client.sql(
+            args.query, into=args.into, mode=args.mode, persist=args.persist, ttl=args.ttl, timeout=args.timeout
+        )
+        _emit(args, r, f"sql into {r['name']}: version {r['version']}, {r['rows']:,} rows, {format_bytes(r['bytes'])}")
+        return 0
+    if not args.out:
+        table = client.sql(args.query, timeout=args.timeout)
+        shown = table.slice(0, args.limit)
+        if args.output == "json":
+            _emit(args, shown.to_pylist(), "")
+        else:
+            print(shown.to_pandas().to_string() if _has_pandas() else shown.to_string(preview_cols=20))
+            print(f"({table.num_rows:,} rows, showing {shown.num_rows})")
+        return 0
+    bar = _Progress("sql", None)
+    rows = 0
+    with client.sql_reader(args.query, timeout=args.timeout) as reader, pq.ParquetWriter(args.out, reader.schema) as w:
+        for batch in reader:
+            w.write_batch(batch)
+            rows += batch.num_rows
+            bar.update(batch.num_rows, batch.nbytes)
+    bar.close()
+    _emit(args, {"rows": rows, "path": args.out}, f"wrote {rows:,} rows to {args.out}")
+    return 0
+
+
 COMMANDS = {
     "ls": cmd_ls,
     "info": cmd_info,
@@ -470,6 +521,7 @@ COMMANDS = {
     "pin": cmd_pin,
     "unpin": cmd_pin,
     "evict": cmd_pin,
+    "sql": cmd_sql,
 }
 
 

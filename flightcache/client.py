@@ -359,6 +359,59 @@ class Client:
 
     # -- SQL -------------------------------------------------------------------------------
 
+    def sql(
+        self,
+        query: str,
+        params: list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
+        *,
+        into: str | None = None,
+        mode: str = "overwrite",
+        persist: str | None = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``query`` on the server (DuckDB, every dataset a table by its name) and return a pyarrow Table.
+
+        Quote names with ``/``: ``SELECT status, count(*) FROM "logs/raw" GROUP BY ALL``. ``params`` fill
+        ``?`` / ``$1`` (a list) or ``$name`` (a dict) with strings, numbers, booleans or None. With ``into``,
+        the result is stored as that dataset instead (``mode``, ``persist`` and ``ttl`` as in ``put``) and
+        {name, version, rows, bytes} is returned. ``timeout`` (seconds) shortens the server's limit. A failed
+        query raises ``SqlError`` with DuckDB's message.
+        """
+        from .flightsql import SqlRequest
+
+        if into is None:
+            with self.sql_reader(query, params, timeout=timeout) as reader:
+                return reader.read_all()
+        request = SqlRequest(query, self._sql_params(params), validate_name(into), mode, persist, ttl, timeout)
+        return self._action("sql", json.loads(request.to_bytes()))
+
+    def sql_reader(
+        self,
+        query: str,
+        params: list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run ``query`` and stream its result: a ``SqlReader`` (``schema``, iteration over record batches,
+        ``read_all()``); its ``cancel()``, from any thread, interrupts the query on the server."""
+        from .flightsql import SqlReader, SqlRequest
+
+        command = SqlRequest(query, self._sql_params(params), timeout=timeout).to_command()
+        info = self._call(
+            lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_command(command), self._options())
+        )
+        stream = self._call(lambda: self.flight.do_get(info.endpoints[0].ticket, self._options()))
+        return SqlReader(stream, self.uri)
+
+    @staticmethod
+    def _sql_params(params: Any) -> list[Any] | dict[str, Any] | None:
+        if params is None or isinstance(params, (list, dict)):
+            return params
+        if isinstance(params, tuple):
+            return list(params)
+        raise InvalidRequestError(f"sql params must be a list, tuple or dict, got {type(params).__name__}")
+
 
 def _as_reader(data: Any, batch_rows: int) -> tuple[pa.RecordBatchReader, int | None]:
     """A reader of well-sized batches over ``data``, and its row count when known up front."""

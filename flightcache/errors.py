@@ -9,6 +9,8 @@
     ├── MemoryFullError           the memory limit leaves no room and nothing can be freed
     ├── StorageError              the storage tier failed (URI and cause in the message)
     ├── PutAbortedError           a put stream ended abnormally; nothing was published
+    ├── SqlError                  a SQL query failed, timed out or was cancelled (DuckDB's message)
+    ├── NotImplementedByServerError  a request the server understands but does not implement
     ├── ServerUnavailableError    the server cannot be reached
     └── NotInstalledError         an optional extra is missing
 
@@ -66,6 +68,14 @@ class PutAbortedError(FlightcacheError):
     code = "PUT_ABORTED"
 
 
+class SqlError(FlightcacheError):
+    code = "SQL_ERROR"
+
+
+class NotImplementedByServerError(FlightcacheError, NotImplementedError):
+    code = "NOT_IMPLEMENTED"
+
+
 class ServerUnavailableError(FlightcacheError, ConnectionError):
     code = "UNAVAILABLE"
 
@@ -86,6 +96,8 @@ ERRORS_BY_CODE: dict[str, type[FlightcacheError]] = {
         MemoryFullError,
         StorageError,
         PutAbortedError,
+        SqlError,
+        NotImplementedByServerError,
         ServerUnavailableError,
         NotInstalledError,
     )

@@ -37,6 +37,7 @@ from .protocol import (
     descriptor_name,
     error_to_flight,
 )
+from .sql import SqlLimits, SqlService
 from .storage import Storage
 from .store import Store, Version
 
@@ -111,6 +112,7 @@ class FlightcacheServer(flight.FlightServerBase):
         memory_limit: int | None = None,
         endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
         max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
+        sql_limits: SqlLimits | None = None,
         **kwargs: Any,
     ) -> None:
         if cache is None:
@@ -120,7 +122,7 @@ class FlightcacheServer(flight.FlightServerBase):
         self.cache = cache
         self.store = cache.store
         self.endpoint_bytes = endpoint_bytes
-        self.sql: Service | None = None  # SQL over cached datasets (flightcache.sql), routed below
+        self.sql: Service | None = SqlService(cache, sql_limits)  # SQL over cached datasets, routed below
         self.max_endpoints = max_endpoints
         self._counters_lock = threading.Lock()
         self._counters: dict[str, int] = {
