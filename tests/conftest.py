@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import decimal
+import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -172,6 +174,32 @@ def every_type_table() -> pa.Table:
             "null": pa.nulls(n),
         }
     )
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """A real ``flightcache serve --port 0`` process (extra flags in ``args``) and its URI."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("}"):  # the JSON start-up message spans several lines
+        line = proc.stdout.readline()
+        assert line, f"flightcache serve exited with status {proc.wait()} before it was ready"
+        lines.append(line)
+    return proc, json.loads("".join(lines))["uri"]
+
+
+def stop_server(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
+    """Signal a server started by ``start_server``; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    status = proc.wait(timeout=60)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return status
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

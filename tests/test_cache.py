@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import MotoS3, logs_table, run_cli
+from conftest import MotoS3, logs_table, run_cli, start_server, stop_server
 
 import flightcache
 from flightcache.errors import InvalidRequestError, MemoryFullError, StorageError
@@ -309,49 +305,22 @@ def test_kill_9_keeps_sync_data_and_cleans_half_written(tmp_path: Path) -> None:
     """After kill -9, sync-persisted data comes back; a version with no manifest is removed."""
     storage_dir = tmp_path / "s"
 
-    def start() -> tuple[subprocess.Popen[str], str]:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "flightcache.cli",
-                "serve",
-                "--port",
-                "0",
-                "--storage",
-                str(storage_dir),
-                "--output",
-                "json",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        lines = []
-        while not lines or not lines[-1].startswith("}"):
-            lines.append(proc.stdout.readline())
-        return proc, json.loads("".join(lines))["uri"]
-
-    proc, uri = start()
+    proc, uri = start_server("--storage", str(storage_dir))
     table = logs_table(2000)
     flightcache.connect(uri).put("durable", table, persist="sync")
     flightcache.connect(uri).put("volatile", table)
     half = storage_dir / "halfway" / "v1"
     half.mkdir(parents=True)
     (half / "part-00000.parquet").write_bytes(b"PAR1 torn")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()  # type: ignore[union-attr]
-    proc, uri = start()
+    stop_server(proc, signal.SIGKILL)
+    proc, uri = start_server("--storage", str(storage_dir))
     try:
         c = flightcache.connect(uri)
         assert [d["name"] for d in c.list()] == ["durable"]
         assert c.get("durable").equals(table)
         assert not half.exists()
     finally:
-        proc.terminate()
-        proc.wait()
-        proc.stdout.close()  # type: ignore[union-attr]
+        stop_server(proc)
 
 
 def test_s3_stopped_mid_persist(moto_s3: MotoS3, s3_bucket: str) -> None:
@@ -391,30 +360,8 @@ def test_cli_storage_commands(tmp_path: Path) -> None:
     """serve --storage/--persist, put --persist, persist, evict, pin, stats per dataset, load."""
     import pyarrow.parquet as pq
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flightcache.cli",
-            "serve",
-            "--port",
-            "0",
-            "--storage",
-            str(tmp_path / "s"),
-            "--persist",
-            "async",
-            "--output",
-            "json",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc, uri = start_server("--storage", str(tmp_path / "s"), "--persist", "async")
     try:
-        assert proc.stdout is not None
-        lines = []
-        while not lines or not lines[-1].startswith("}"):
-            lines.append(proc.stdout.readline())
-        uri = json.loads("".join(lines))["uri"]
         src = tmp_path / "in.parquet"
         pq.write_table(logs_table(100), src)
         assert run_cli("put", "a", str(src), "--uri", uri, "--persist", "sync").returncode == 0
@@ -429,6 +376,4 @@ def test_cli_storage_commands(tmp_path: Path) -> None:
         r = run_cli("info", "a", "--uri", uri)
         assert "state:     persisted, pinned" in r.stdout
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
-        proc.stdout.close()  # type: ignore[union-attr]
+        assert stop_server(proc) == 0

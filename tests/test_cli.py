@@ -3,56 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import logs_table, run_cli
+from conftest import logs_table, run_cli, start_server, stop_server
 
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """A `flightcache serve --port 0` process and its URI."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flightcache.cli",
-            "serve",
-            "--port",
-            "0",
-            "--memory-limit",
-            "256MiB",
-            "--storage",
-            str(tmp_path / "storage"),
-            "--output",
-            "json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    lines = []
-    while True:  # the JSON start-up message spans several lines
-        line = proc.stdout.readline()
-        assert line, f"server did not start: {proc.stderr.read() if proc.stderr else ''}"
-        lines.append(line)
-        if line.startswith("}"):
-            break
-    uri = json.loads("".join(lines))["uri"]
+    proc, uri = start_server("--memory-limit", "256MiB", "--storage", str(tmp_path / "storage"))
     yield uri, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
+    stop_server(proc, signal.SIGKILL)
 
 
 def test_commands_end_to_end(served: tuple[str, subprocess.Popen[str]], tmp_path: Path) -> None:
@@ -129,8 +95,7 @@ def test_unreachable_server() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_cleanly_on_signal(served: tuple[str, subprocess.Popen[str]], sig: int) -> None:
     _, proc = served
-    os.kill(proc.pid, sig)
-    assert proc.wait(timeout=30) == 0
+    assert stop_server(proc, sig) == 0
 
 
 def test_help_explains_every_command() -> None:
