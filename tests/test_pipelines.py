@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.s3]
+# Twenty Spark applications start in the benchmark's quick run (5 hand-off modes x 4 stages).
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(1500)]
 
 
 def _run(*args: str, cwd: Path) -> str:
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=1400)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout
 
