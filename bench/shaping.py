@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -124,14 +125,23 @@ async def serve(
             client_w.close()
             up_w.close()
 
+    async def exit_with_parent(parent: int) -> None:
+        # A benchmark killed outright cannot stop its proxy: notice the orphaning and exit.
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        server.close()
+
     server = await asyncio.start_server(handle, "127.0.0.1", port)
+    watch = asyncio.create_task(exit_with_parent(os.getppid()))
     bound = server.sockets[0].getsockname()[1]
     if ready is not None:
         ready.set_result(bound)
     else:
         print(json.dumps({"port": bound, **asdict(shape)}), flush=True)
     async with server:
-        await server.serve_forever()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server.serve_forever()
+    watch.cancel()
 
 
 def main() -> int:
