@@ -75,7 +75,7 @@ QUERIES: dict[str, tuple[str, str]] = {
         'JOIN "bench/users" u USING (user_id) WHERE l.status >= 500 GROUP BY ALL ORDER BY ALL',
     ),
     "filter": (
-        "a selective filter (~0.003% of rows) returning three columns",
+        "a selective filter (~0.03% of rows) returning three columns",
         "SELECT ts, user_id, latency_ms FROM \"bench/logs\" WHERE path = '/api/v1/item/42' AND status = 500 "
         "ORDER BY ts, user_id",
     ),
