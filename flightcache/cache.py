@@ -16,6 +16,8 @@ publish see the same base version. The store's own lock is never held across I/O
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -43,6 +45,25 @@ log = logging.getLogger("flightcache.cache")
 
 PERSIST_MODES = ("none", "sync", "async")
 
+# Freed memory is handed back to the OS once this much has been freed since the last time: trimming
+# costs 2-20 ms, and without it a server's RSS stayed at 1.3-1.6x the bytes it holds.
+TRIM_BYTES = 64 * 1024 * 1024
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Return freed memory to the OS: Arrow's pool (ingest copies) and malloc's (gRPC's receive buffers)."""
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 class Cache:
     """Coordinates a Store and an optional Storage."""
@@ -66,6 +87,8 @@ class Cache:
         self._loads: dict[str, Future[Version]] = {}
         self._pending: dict[str, Future[None]] = {}
         self._pool = ThreadPoolExecutor(persist_threads, thread_name_prefix="flightcache-persist") if storage else None
+        self._received = 0  # bytes put since the last trim: their receive buffers are garbage by now
+        self._high_water = 0  # most memory used since the last trim
         self._stop = threading.Event()
         self._sweeper = threading.Thread(
             target=self._sweep_loop, args=(sweep_seconds,), daemon=True, name="flightcache-ttl"
@@ -147,6 +170,8 @@ class Cache:
             self.store.set_ttl(staged.name, ttl)
         if mode == "async":
             self._schedule(version)
+        with self._guard:
+            self._received += staged.nbytes
         return version
 
     def _publish_through(self, staged: StagedPut) -> Version:
@@ -390,10 +415,22 @@ class Cache:
                     log.info("ttl of memory-only dataset %s passed: dropping it", name)
                     self.store.drop(name)
 
+    def trim(self, threshold: int = TRIM_BYTES) -> bool:
+        """Return freed memory to the OS when at least ``threshold`` bytes were freed since the last time."""
+        used = self.store.stats()["memory_used"]  # also expires retained versions
+        with self._guard:
+            self._high_water = max(self._high_water, used)
+            if self._received + self._high_water - used < threshold:
+                return False
+            self._received, self._high_water = 0, used
+        release_memory()
+        return True
+
     def _sweep_loop(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
                 self.sweep()
+                self.trim()
             except Exception:
                 log.exception("ttl sweep failed")
 

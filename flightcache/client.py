@@ -70,6 +70,7 @@ class Client:
         self.batch_rows = batch_rows
         self._conn: flight.FlightClient | None = None
         self._pid = -1
+        self._workers: ThreadPoolExecutor | None = None  # kept: fresh threads per get page-fault their memory in again
 
     # -- connection, pickling --------------------------------------------------------------
 
@@ -88,6 +89,7 @@ class Client:
     def flight(self) -> flight.FlightClient:
         """The underlying ``pyarrow.flight.FlightClient`` (re-created after a fork)."""
         if self._conn is None or self._pid != os.getpid():
+            self._workers = None  # a forked child has the pool object but none of its threads
             try:
                 self._conn = flight.connect(self.uri)
             except (pa.ArrowInvalid, ValueError) as e:
@@ -95,13 +97,24 @@ class Client:
             self._pid = os.getpid()
         return self._conn
 
+    def _pool(self) -> ThreadPoolExecutor:
+        """Threads for parallel endpoint reads, made on first use and again after a fork."""
+        self.flight  # noqa: B018 -- notices a fork and resets the connection and the pool
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(self.parallelism, thread_name_prefix="flightcache-get")
+        return self._workers
+
     def _options(self) -> flight.FlightCallOptions:
         return flight.FlightCallOptions(timeout=self.timeout)
 
     def close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            self._conn.close()
+        if self._pid == os.getpid():
+            if self._conn is not None:
+                self._conn.close()
+            if self._workers is not None:
+                self._workers.shutdown(wait=False)
         self._conn = None
+        self._workers = None
 
     def __enter__(self) -> Client:
         return self
@@ -247,8 +260,7 @@ class Client:
         if len(endpoints) == 1:
             tables = [fetch(endpoints[0])]
         else:
-            with ThreadPoolExecutor(min(self.parallelism, len(endpoints))) as pool:
-                tables = list(pool.map(fetch, endpoints))
+            tables = list(self._pool().map(fetch, endpoints))
         return pa.concat_tables(tables) if tables else info.schema.empty_table()
 
     def stream(

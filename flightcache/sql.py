@@ -27,9 +27,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 
@@ -44,6 +43,9 @@ from .errors import (
     SqlError,
 )
 from .store import Version, parse_bytes, validate_name
+
+if TYPE_CHECKING:
+    import duckdb  # imported where used: DuckDB adds ~35 MiB to a server that may never run SQL
 
 log = logging.getLogger("flightcache.sql")
 
@@ -134,6 +136,8 @@ class SqlEngine:
             raise InvalidRequestError(f"timeout must be positive, got {timeout}")
         timeout = self.limits.timeout if timeout is None else min(timeout, self.limits.timeout)
         q = Query(self, query, list(param_sets or [None]), timeout, count)
+        import duckdb
+
         self._take_slot(q, context)
         q.attach(context)
         self._watchdog.watch(q)
@@ -180,6 +184,8 @@ class SqlEngine:
 
     def describe(self, query: str, context: flight.ServerCallContext | None = None) -> tuple[pa.Schema | None, int]:
         """(result schema, or None when it depends on parameter values; number of parameters) of ``query``."""
+        import duckdb
+
         try:
             statements = self._databases.parse(lambda con: con.extract_statements(query))
         except duckdb.Error as e:
@@ -271,6 +277,8 @@ class Query:
 
     def bind(self) -> None:
         """Register the datasets the query names and bind each parameter set; learn the result schema."""
+        import duckdb
+
         names = self.engine._databases.parse(lambda con: _referenced(con, self.text))
         self._con = self.engine._databases.take()
         for _ in range(64):
@@ -301,6 +309,8 @@ class Query:
 
     def run(self, context: flight.ServerCallContext | None = None) -> Iterator[pa.RecordBatch]:
         """Run the query, yielding plain-typed record batches; always ends closed."""
+        import duckdb
+
         self.attach(context)
         try:
             for relation in self._relations:
@@ -386,6 +396,8 @@ def _result_schema(con: duckdb.DuckDBPyConnection, relation: Any) -> pa.Schema:
 
 def _referenced(con: duckdb.DuckDBPyConnection, query: str) -> set[str]:
     """The table names ``query`` reads, as far as DuckDB's parser can tell without them existing."""
+    import duckdb
+
     names: set[str] = set()
     try:
         statements = con.extract_statements(query)
@@ -489,6 +501,8 @@ class _Databases:
             return fn(self._parser)
 
     def open(self) -> duckdb.DuckDBPyConnection:
+        import duckdb
+
         threads = self.limits.threads or os.cpu_count() or 1
         con = duckdb.connect(
             ":memory:",
@@ -806,6 +820,8 @@ class SqlService:
         return fsql.KEYS_SCHEMA.empty_table()
 
     def _sql_info(self) -> dict[int, Any]:
+        import duckdb
+
         from . import __version__
 
         return {

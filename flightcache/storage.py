@@ -30,15 +30,17 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import StorageError
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds  # imported where used: it brings pandas, ~50 MiB the server rarely needs
 
 log = logging.getLogger("flightcache.storage")
 
@@ -404,6 +406,8 @@ def read_external(
 
     ``progress(done_files, total_files)`` is called as files finish.
     """
+    import pyarrow.dataset as ds
+
     fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
 
     def discover() -> ds.Dataset:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from .errors import (
     DatasetExistsError,
@@ -636,6 +635,8 @@ class Store:
         if filter is None:
             table = pa.Table.from_batches(batches, version.schema)
             return (table if columns is None else table.select(columns)).to_reader()
+        import pyarrow.dataset as ds  # only filtered reads need it; it brings pandas, ~50 MiB
+
         dataset = ds.dataset(list(batches), schema=version.schema)
         try:
             scanner = dataset.scanner(columns=columns, filter=filter, batch_size=self.batch_rows)

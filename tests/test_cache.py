@@ -247,6 +247,20 @@ def test_memory_full_when_nothing_can_be_freed() -> None:
         srv.shutdown()
 
 
+def test_trim_returns_memory_once_enough_was_freed() -> None:
+    """Trimming waits until the threshold's worth was put (receive buffers) or freed (drops), then resets."""
+    srv, client = _serve(None, retain_seconds=0)
+    try:
+        client.put("a", table_of(50_000))
+        assert not srv.cache.trim(threshold=1 << 40)  # nothing near a TiB freed yet
+        assert srv.cache.trim(threshold=1)  # the put's receive buffers
+        assert not srv.cache.trim(threshold=1)  # nothing freed since
+        client.drop("a")
+        assert srv.cache.trim(threshold=1)
+    finally:
+        srv.shutdown()
+
+
 def test_pinned_datasets_are_never_evicted(tmp_path: Path) -> None:
     one = sum(buffer_sizes(table_of(50_000).to_batches()).values())
     srv, client = _serve(str(tmp_path / "s"), memory_limit=int(one * 1.5))

@@ -427,6 +427,16 @@ def test_client_pickles_as_settings_and_reconnects(client: flightcache.Client) -
     assert clone.get("p").num_rows == 3
 
 
+def test_server_imports_neither_duckdb_nor_pandas_until_needed() -> None:
+    """An idle server stays small: DuckDB and pyarrow.dataset (which brings pandas) load on first use."""
+    code = (
+        "import sys, flightcache.cli, flightcache.server;"
+        "print(sorted(m for m in ('duckdb', 'pandas', 'pyarrow.dataset') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_stats_counts(client: flightcache.Client) -> None:
     client.put("s", logs_table(100))
     client.get("s")

@@ -20,9 +20,20 @@ pytestmark = pytest.mark.s3
 @pytest.fixture
 def shaped(moto_s3: MotoS3) -> Iterator[int]:
     """A proxy with 80 ms first-byte latency and 20 MB/s per connection in front of moto."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "shaping.py"), "--upstream",
-                             f"127.0.0.1:{moto_s3.port}", "--latency-ms", "80", "--bandwidth-mbps", "20"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "shaping.py"),
+            "--upstream",
+            f"127.0.0.1:{moto_s3.port}",
+            "--latency-ms",
+            "80",
+            "--bandwidth-mbps",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     port = json.loads(proc.stdout.readline())["port"]
     yield port
