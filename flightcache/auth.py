@@ -219,8 +219,9 @@ class Auth:
         raise UnauthenticatedError("unknown or expired token")
 
     def _basic(self, value: str, handshake: bool) -> Principal:
+        padded = value + "=" * (-len(value) % 4)  # the ADBC (Go) driver leaves the padding out
         try:
-            user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            user, sep, password = base64.b64decode(padded, validate=True).decode("utf-8").partition(":")
         except (binascii.Error, ValueError):
             raise UnauthenticatedError("basic auth credentials are not base64 of 'user:password'") from None
         with self._lock:

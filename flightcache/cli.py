@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
             subparser.add_argument(
                 "--tls-ca",
                 metavar="FILE",
-                default=os.environ.get("FLIGHTCACHE_TLS_CA"),
+                default=os.environ.get("FLIGHTCACHE_TLS_CA") or None,
                 help="PEM file of the CA that signed a grpc+tls:// server's certificate, if the system does not "
                 "trust it (default: $FLIGHTCACHE_TLS_CA)",
             )

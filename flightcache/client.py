@@ -466,8 +466,8 @@ class _Header(flight.ClientMiddleware):
 def read_ca(ca: str | os.PathLike[str] | bytes | None) -> bytes | None:
     """PEM bytes of a CA certificate given as bytes, PEM text or a file path (read once, here: a
     pickled client then needs no copy of the file)."""
-    if ca is None or isinstance(ca, bytes):
-        return ca
+    if not ca or isinstance(ca, bytes):
+        return ca or None
     if isinstance(ca, str) and ca.lstrip().startswith("-----BEGIN"):
         return ca.encode()
     try:
