@@ -69,8 +69,8 @@ _TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 class Credentials:
     """Parsed credentials: bearer tokens and basic-auth users, each with a role."""
 
-    tokens: tuple[tuple[bytes, str], ...] = ()  # (token, role)
-    users: Mapping[str, tuple[bytes, str]] = field(default_factory=dict)  # user -> (password, role)
+    tokens: tuple[tuple[bytes, str], ...] = field(default=(), repr=False)  # (token, role)
+    users: Mapping[str, tuple[bytes, str]] = field(default_factory=dict, repr=False)  # user -> (password, role)
 
     @classmethod
     def parse(cls, text: str, where: str = "credentials") -> Credentials:
