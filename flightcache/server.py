@@ -226,7 +226,7 @@ class FlightcacheServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         if self.sql is not None and self.sql.handles_descriptor(descriptor):
-            return self.sql.do_put(context, descriptor, reader, writer)
+            return self.sql.do_put(context, descriptor, reader, writer)  # binds query parameters: a read
         name, command = descriptor_name(descriptor)
         require_write(context, f"put of dataset {name!r}")
         options = PutOptions.from_bytes(command) if command else None

@@ -101,8 +101,8 @@ __all__ = ["FORMAT", "FlightcacheDataSource", "arrow_schema", "register", "spark
 FORMAT = "flightcache"
 PUSHDOWN_CONF = "spark.sql.python.filterPushdown.enabled"
 IF_EXISTS = ("error", "ignore")
+# Spark redacts the values of options named like "token" in plans and its UI (spark.redaction.regex).
 OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist", "token", "tls_ca")
-# The driver's settings that become the options' defaults (Spark redacts option values named *token*).
 DRIVER_ENV = ("FLIGHTCACHE_URI", "FLIGHTCACHE_TOKEN", "FLIGHTCACHE_TLS_CA")
 PERSIST = ("none", "sync", "async")
 
