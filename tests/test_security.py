@@ -7,6 +7,7 @@ that any Flight client gets the same answer, ``flightcache.Client`` where it is 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -81,40 +82,60 @@ class Secured:
         ]
 
 
-@pytest.fixture
-def credentials(tmp_path: Path) -> Path:
-    path = tmp_path / "credentials"
+def write_credentials(directory: Path) -> Path:
+    path = directory / "credentials"
     path.write_text(CREDENTIALS)
     path.chmod(0o600)
     return path
 
 
 @pytest.fixture
-def secured(tmp_path: Path, credentials: Path) -> Iterator[Secured]:
+def credentials(tmp_path: Path) -> Path:
+    return write_credentials(tmp_path)
+
+
+@contextlib.contextmanager
+def secured_server(directory: Path) -> Iterator[Secured]:
+    """A server with the test credentials, storage, and a little of everything to act on."""
     server = FlightcacheServer(
         "grpc://127.0.0.1:0",
         store=Store(memory_limit=256 * 1024 * 1024),
-        storage=Storage(str(tmp_path / "storage")),
-        auth=Auth.from_file(credentials),
+        storage=Storage(str(directory / "storage")),
+        auth=Auth.from_file(write_credentials(directory)),
     )
     uri = f"grpc://127.0.0.1:{server.port}"
-    external = tmp_path / "external.parquet"
+    external = directory / "external.parquet"
     pq.write_table(logs_table(50), external)
-    with flightcache.connect(uri, token=WRITE_TOKEN) as c:
-        c.put("t/a", logs_table(100), persist="sync")
-        c.put("t/b", logs_table(10))
-        c.put("t/c", logs_table(5), txn="txn1")
-        c.pin("t/b")
-        ticket = c.flight_info("t/a").endpoints[0].ticket.ticket
-        query = fsql.SqlRequest('SELECT count(*) AS n FROM "t/a"').to_command()
-        sql_info = c.flight.get_flight_info(flight.FlightDescriptor.for_command(query))
-        request = fsql.pack(fsql.message("ActionCreatePreparedStatementRequest", query="SELECT ? AS p"))
-        [created] = c.flight.do_action(flight.Action("CreatePreparedStatement", request))
-        _, prepared = fsql.unpack(created.body.to_pybytes())
-    yield Secured(
-        server, uri, ticket, sql_info.endpoints[0].ticket.ticket, prepared.prepared_statement_handle, external
-    )
-    server.shutdown()
+    try:
+        with flightcache.connect(uri, token=WRITE_TOKEN) as c:
+            c.put("t/a", logs_table(100), persist="sync")
+            c.put("t/b", logs_table(10))
+            c.put("t/c", logs_table(5), txn="txn1")
+            c.pin("t/b")
+            ticket = c.flight_info("t/a").endpoints[0].ticket.ticket
+            query = fsql.SqlRequest('SELECT count(*) AS n FROM "t/a"').to_command()
+            sql_info = c.flight.get_flight_info(flight.FlightDescriptor.for_command(query))
+            request = fsql.pack(fsql.message("ActionCreatePreparedStatementRequest", query="SELECT ? AS p"))
+            [created] = c.flight.do_action(flight.Action("CreatePreparedStatement", request))
+            _, prepared = fsql.unpack(created.body.to_pybytes())
+        yield Secured(
+            server, uri, ticket, sql_info.endpoints[0].ticket.ticket, prepared.prepared_statement_handle, external
+        )
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    with secured_server(tmp_path) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    """One server for the many calls that must be refused (each test checks that nothing changed)."""
+    with secured_server(tmp_path_factory.mktemp("refusing")) as s:
+        yield s
 
 
 def _action(kind: str, body: bytes | dict[str, object] | str = b"") -> Callable[..., object]:
@@ -250,35 +271,35 @@ def test_the_lists_cover_every_action() -> None:
 @pytest.mark.parametrize("header", [None, f"Bearer {WRITE_TOKEN}x", "Bearer ", basic("alice", "wrong"), "Token x"])
 @pytest.mark.parametrize("call", EVERY_CALL)
 def test_every_call_without_valid_credentials_is_unauthenticated(
-    secured: Secured, call: str, header: str | None
+    refusing: Secured, call: str, header: str | None
 ) -> None:
     """No token, a wrong token, an empty one, a wrong password, an unknown scheme: refused before any work."""
-    before = secured.catalog()
-    fc = flight.connect(secured.uri)
+    before = refusing.catalog()
+    fc = flight.connect(refusing.uri)
     with pytest.raises(flight.FlightUnauthenticatedError) as raised:
-        EVERY_CALL[call](fc, options(header), secured)
+        EVERY_CALL[call](fc, options(header), refusing)
     assert json.loads(raised.value.extra_info) == {"code": "UNAUTHENTICATED"}
     assert WRITE_TOKEN not in str(raised.value)
-    assert secured.catalog() == before
+    assert refusing.catalog() == before
 
 
 @pytest.mark.parametrize("call", WRITES)
-def test_a_read_token_cannot_write(secured: Secured, call: str) -> None:
+def test_a_read_token_cannot_write(refusing: Secured, call: str) -> None:
     """Puts, drop, load, persist, pin, unpin, evict, commit, abort and SQL into= need the write role."""
-    before = secured.catalog()
+    before = refusing.catalog()
     with pytest.raises(flight.FlightUnauthorizedError, match="needs the write role") as raised:
-        WRITES[call](flight.connect(secured.uri), bearer(READ_TOKEN), secured)
+        WRITES[call](flight.connect(refusing.uri), bearer(READ_TOKEN), refusing)
     assert json.loads(raised.value.extra_info) == {"code": "UNAUTHORIZED"}
-    assert secured.catalog() == before
+    assert refusing.catalog() == before
 
 
 @pytest.mark.parametrize("call", WRITES)
-def test_a_read_user_cannot_write(secured: Secured, call: str) -> None:
+def test_a_read_user_cannot_write(refusing: Secured, call: str) -> None:
     """Basic auth with a read role: the same refusal as a read token."""
-    before = secured.catalog()
+    before = refusing.catalog()
     with pytest.raises(flight.FlightUnauthorizedError, match="user 'alice' has role read"):
-        WRITES[call](flight.connect(secured.uri), options(basic("alice", "alice-password")), secured)
-    assert secured.catalog() == before
+        WRITES[call](flight.connect(refusing.uri), options(basic("alice", "alice-password")), refusing)
+    assert refusing.catalog() == before
 
 
 @pytest.mark.parametrize("call", READS)
