@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NotImplementedByServerError
 from .filters import parse_filter
 from .protocol import (
     AbortRequest,
@@ -118,9 +118,15 @@ class Client:
                 ) from e
             if self.username is not None:
                 assert self.password is not None
-                _, bearer = self._call(
-                    lambda: conn.authenticate_basic_token(self.username, self.password, self._options())
-                )
+                try:
+                    _, bearer = self._call(
+                        lambda: conn.authenticate_basic_token(self.username, self.password, self._options())
+                    )
+                except pa.ArrowNotImplementedError:
+                    raise NotImplementedByServerError(
+                        f"the server at {self.uri} takes no credentials (it runs without --auth-token-file); "
+                        "connect without username and password"
+                    ) from None
                 header.value = bearer.decode()
             self._conn, self._pid = conn, os.getpid()
         return self._conn

@@ -29,7 +29,9 @@ from flightcache import flightsql as fsql
 from flightcache.auth import WRITE_ACTIONS, Auth, Credentials, Limits
 from flightcache.errors import (
     InvalidNameError,
+    InvalidRequestError,
     LimitExceededError,
+    NotImplementedByServerError,
     ServerUnavailableError,
     UnauthenticatedError,
     UnauthorizedError,
@@ -384,6 +386,13 @@ def test_basic_auth_in_the_python_client(secured: Secured) -> None:
         assert pickle.loads(pickle.dumps(c)).get("t/bob").num_rows == 3  # a new connection handshakes again
     with pytest.raises(UnauthenticatedError, match="wrong user or password"):
         flightcache.connect(secured.uri, username="bob", password="nope").list()
+
+
+def test_basic_auth_against_a_server_without_credentials(uri: str) -> None:
+    with pytest.raises(NotImplementedByServerError, match="takes no credentials"):
+        flightcache.connect(uri, username="bob", password="x").list()
+    with pytest.raises(InvalidRequestError, match="give a password, and no token"):
+        flightcache.connect(uri, username="bob", token=WRITE_TOKEN)
 
 
 def test_sessions_end_when_the_user_leaves_the_file(secured: Secured, credentials: Path) -> None:
