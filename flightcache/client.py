@@ -111,7 +111,8 @@ class Client:
         if self._conn is None or self._pid != os.getpid():
             header = _Authorization(f"Bearer {self.token}" if self.token else None)
             try:
-                conn = flight.connect(self.uri, tls_root_certs=self.tls_ca, middleware=[header])
+                credentials = [header] if self.token or self.username is not None else None
+                conn = flight.connect(self.uri, tls_root_certs=self.tls_ca, middleware=credentials)
             except (pa.ArrowInvalid, ValueError) as e:
                 raise InvalidRequestError(
                     f"invalid flightcache URI {self.uri!r}: {e}; use grpc://HOST:PORT or grpc+tls://HOST:PORT"
