@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--uri",
         default=os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI,
-        help="server address, grpc://HOST:PORT (default: %(default)s)",
+        help="server address, grpc://HOST:PORT or grpc+tls://HOST:PORT (default: %(default)s)",
     )
     common.add_argument(
         "--output",
@@ -282,12 +282,15 @@ def _security_flags(serve: argparse.ArgumentParser) -> None:
         default=os.environ.get("FLIGHTCACHE_TLS_KEY"),
         help="the PEM private key of --tls-cert (default: $FLIGHTCACHE_TLS_KEY)",
     )
-    serve.add_argument("--max-put-bytes", help="refuse a put stream larger than this, e.g. 1GiB (default: no limit)")
     serve.add_argument(
-        "--max-datasets", type=int, help="refuse to create a dataset beyond this many (default: no limit)"
+        "--max-put-bytes", metavar="SIZE", help="refuse a put stream larger than this, e.g. 1GiB (default: no limit)"
+    )
+    serve.add_argument(
+        "--max-datasets", metavar="N", type=int, help="refuse to create a dataset beyond this many (default: no limit)"
     )
     serve.add_argument(
         "--max-action-bytes",
+        metavar="SIZE",
         default=format_bytes(DEFAULT_MAX_ACTION_BYTES),
         help="refuse an action whose body is larger than this (default: %(default)s)",
     )
