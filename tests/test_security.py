@@ -431,6 +431,15 @@ def test_adbc_flight_sql_driver_with_basic_auth(secured: Secured) -> None:
         cur.execute("SELECT 1")
 
 
+def test_adbc_flight_sql_driver_with_a_bearer_token(secured: Secured) -> None:
+    import adbc_driver_flightsql.dbapi as adbc
+
+    kwargs = {"adbc.flight.sql.authorization_header": f"Bearer {READ_TOKEN}"}
+    with adbc.connect(secured.uri, db_kwargs=kwargs, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute('SELECT count(*) AS n FROM "t/b"')
+        assert cur.fetchall() == [(10,)]
+
+
 # -- the credentials file -------------------------------------------------------------------------
 
 
@@ -513,6 +522,14 @@ def test_cli_passes_the_token(tmp_path: Path, credentials: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1 and WRITE_TOKEN not in r.stderr
     finally:
         assert stop_server(proc) == 0
+
+
+def test_serve_refuses_to_start_with_a_bad_credentials_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_text("short\n")
+    for path, message in ((bad, "line 1: a token needs at least 16"), (tmp_path / "missing", "No such file")):
+        r = run_cli("serve", "--port", "0", "--storage", "none", "--auth-token-file", str(path))
+        assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_serve_help_lists_the_security_flags() -> None:
