@@ -7,12 +7,15 @@ from .errors import (
     FlightcacheError,
     InvalidNameError,
     InvalidRequestError,
+    LimitExceededError,
     MemoryFullError,
     NotInstalledError,
     PutAbortedError,
     SchemaMismatchError,
     ServerUnavailableError,
     StorageError,
+    UnauthenticatedError,
+    UnauthorizedError,
 )
 
 __version__ = "0.1.0"
@@ -24,12 +27,15 @@ __all__ = [
     "FlightcacheError",
     "InvalidNameError",
     "InvalidRequestError",
+    "LimitExceededError",
     "MemoryFullError",
     "NotInstalledError",
     "PutAbortedError",
     "SchemaMismatchError",
     "ServerUnavailableError",
     "StorageError",
+    "UnauthenticatedError",
+    "UnauthorizedError",
     "__version__",
     "connect",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from .auth import DEFAULT_MAX_ACTION_BYTES
 from .cache import PERSIST_MODES
 from .client import DEFAULT_URI, Client
 from .errors import FlightcacheError
@@ -25,7 +26,8 @@ DEFAULT_STORAGE = "./.flightcache/storage"
 
 EPILOG = f"""\
 Dataset names: {NAME_GRAMMAR}.
-Every command but 'serve' talks to the server at --uri (default: $FLIGHTCACHE_URI, else {DEFAULT_URI}).
+Every command but 'serve' talks to the server at --uri (default: $FLIGHTCACHE_URI, else {DEFAULT_URI}),
+authenticating with --token (default: $FLIGHTCACHE_TOKEN).
 """
 
 FILTER_HELP = (
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--uri",
         default=os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI,
-        help="server address, grpc://HOST:PORT (default: %(default)s)",
+        help="server address, grpc://HOST:PORT or grpc+tls://HOST:PORT (default: %(default)s)",
     )
     common.add_argument(
         "--output",
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default persistence of a put: none (memory only), sync (write-through), "
         "async (write-back) (default: %(default)s)",
     )
+    _security_flags(serve)
 
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
 
@@ -204,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="show server figures",
         description="Show memory used and limit, dataset count and request counters.",
     )
+    for command, subparser in sub.choices.items():
+        if command != "serve":
+            subparser.add_argument(
+                "--token",
+                default=os.environ.get("FLIGHTCACHE_TOKEN"),
+                help="bearer token for a server with authentication (default: $FLIGHTCACHE_TOKEN, which "
+                "unlike this flag other users cannot see in the process list)",
+            )
+            subparser.add_argument(
+                "--tls-ca",
+                metavar="FILE",
+                default=os.environ.get("FLIGHTCACHE_TLS_CA") or None,
+                help="PEM file of the CA that signed a grpc+tls:// server's certificate, if the system does not "
+                "trust it (default: $FLIGHTCACHE_TLS_CA)",
+            )
     return parser
 
 
@@ -213,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
-        with Client(args.uri) as client:
+        with Client(args.uri, token=args.token, tls_ca=args.tls_ca) as client:
             return COMMANDS[args.command](client, args)
     except (FlightcacheError, ValueError, OSError) as e:
         print(f"flightcache {args.command}: error: {e}", file=sys.stderr)
@@ -243,20 +261,85 @@ def _persist_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttl", type=float, help="seconds in memory; then evicted if persisted, else dropped")
 
 
+def _security_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        default=os.environ.get("FLIGHTCACHE_AUTH_TOKEN_FILE"),
+        help="require authentication: one credential a line, 'TOKEN [read|write]' or 'USER:PASSWORD [read|write]' "
+        "(basic auth), role default write; re-read on SIGHUP (default: $FLIGHTCACHE_AUTH_TOKEN_FILE, else "
+        "no authentication)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=os.environ.get("FLIGHTCACHE_TLS_CERT"),
+        help="serve grpc+tls:// with this PEM certificate (chain) (default: $FLIGHTCACHE_TLS_CERT)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("FLIGHTCACHE_TLS_KEY"),
+        help="the PEM private key of --tls-cert (default: $FLIGHTCACHE_TLS_KEY)",
+    )
+    serve.add_argument(
+        "--max-put-bytes", metavar="SIZE", help="refuse a put stream larger than this, e.g. 1GiB (default: no limit)"
+    )
+    serve.add_argument(
+        "--max-datasets", metavar="N", type=int, help="refuse to create a dataset beyond this many (default: no limit)"
+    )
+    serve.add_argument(
+        "--max-action-bytes",
+        metavar="SIZE",
+        default=format_bytes(DEFAULT_MAX_ACTION_BYTES),
+        help="refuse an action whose body is larger than this (default: %(default)s)",
+    )
+
+
+def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The scheme to serve and the FlightcacheServer arguments for the security flags."""
+    from .auth import Auth, Limits
+
+    options: dict[str, Any] = {
+        "limits": Limits(
+            max_put_bytes=parse_bytes(args.max_put_bytes) if args.max_put_bytes else None,
+            max_datasets=args.max_datasets,
+            max_action_bytes=parse_bytes(args.max_action_bytes),
+        ),
+        "auth": Auth.from_file(args.auth_token_file) if args.auth_token_file else None,
+    }
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("give both --tls-cert and --tls-key, or neither")
+    if not args.tls_cert:
+        return "grpc", options
+    import pyarrow.flight as flight
+
+    with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+        options["tls_certificates"] = [flight.CertKeyPair(cert.read(), key.read())]
+    return "grpc+tls", options
+
+
 def serve(args: argparse.Namespace) -> int:
     from .server import FlightcacheServer
     from .storage import Storage
     from .store import Store
 
+    scheme, security = _server_security(args)
     store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
     storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint)
     server = FlightcacheServer(
-        f"grpc://{args.host}:{args.port}",
+        f"{scheme}://{args.host}:{args.port}",
         store=store,
         storage=storage,
         persist=args.persist,
         endpoint_bytes=parse_bytes(args.endpoint_bytes),
+        **security,
     )
+    auth = security["auth"]
+    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "serving on %s without --auth-token-file: anyone who reaches the port can read and write", args.host
+        )
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
@@ -265,9 +348,17 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("received %s, shutting down", signal.Signals(signum).name)
             threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def reload(signum: int, frame: object) -> None:
+        try:
+            auth.reload()
+        except (OSError, ValueError) as e:
+            log.error("SIGHUP: keeping the previous credentials: %s", e)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    uri = f"grpc://{args.host}:{server.port}"
+    if auth is not None:
+        signal.signal(signal.SIGHUP, reload)
+    uri = f"{scheme}://{args.host}:{server.port}"
     recovered = store.stats()["states"]["in-storage-only"]
     where = f"storage {storage.uri}, {recovered} datasets recovered" if storage else "no storage"
     _emit(
@@ -278,6 +369,7 @@ def serve(args: argparse.Namespace) -> int:
             "pid": os.getpid(),
             "storage": storage.uri if storage else None,
             "recovered": recovered,
+            "auth": auth.summary() if auth else None,
         },
         f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, {where}, "
         f"pid {os.getpid()})",

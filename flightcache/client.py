@@ -6,7 +6,8 @@
         df = fc.to_pandas("logs/raw", columns=["status"], filter="status >= 500")
 
 A ``Client`` pickles as its settings only and connects lazily, again after a fork, so it can be
-shipped to Spark or multiprocessing workers.
+shipped to Spark or multiprocessing workers. Its settings include its credentials (``token``,
+``username``/``password``): treat a pickled client as a secret.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NotImplementedByServerError
 from .filters import parse_filter
 from .protocol import (
     AbortRequest,
@@ -49,7 +50,12 @@ def default_uri() -> str:
 
 
 def connect(uri: str | None = None, **kwargs: Any) -> Client:
-    """A client for the server at ``uri`` (default: $FLIGHTCACHE_URI, else grpc://127.0.0.1:8815)."""
+    """A client for the server at ``uri`` (default: $FLIGHTCACHE_URI, else grpc://127.0.0.1:8815).
+
+    ``token=`` (default: $FLIGHTCACHE_TOKEN) or ``username=``/``password=`` authenticate; ``tls_ca=``
+    (a PEM file or its bytes; default: $FLIGHTCACHE_TLS_CA) is the CA that signed a ``grpc+tls://``
+    server's certificate, when it is not one the system trusts.
+    """
     return Client(uri, **kwargs)
 
 
@@ -60,11 +66,22 @@ class Client:
         self,
         uri: str | None = None,
         *,
+        token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,  # a PEM file, PEM text or bytes
         timeout: float | None = None,
         parallelism: int = 4,
         batch_rows: int = DEFAULT_BATCH_ROWS,
     ) -> None:
         self.uri = uri or default_uri()
+        if username is not None and (password is None or token is not None):
+            raise InvalidRequestError(f"user {username!r}: give a password, and no token")
+        self.username, self.password = username, password
+        self.token = token if token is not None or username is not None else os.environ.get("FLIGHTCACHE_TOKEN")
+        if tls_ca is None and os.environ.get("FLIGHTCACHE_TLS_CA"):
+            tls_ca = os.environ["FLIGHTCACHE_TLS_CA"]
+        self.tls_ca = read_ca(tls_ca)
         self.timeout = timeout
         self.parallelism = max(1, parallelism)
         self.batch_rows = batch_rows
@@ -77,6 +94,10 @@ class Client:
     def __getstate__(self) -> dict[str, Any]:
         return {
             "uri": self.uri,
+            "token": self.token,
+            "username": self.username,
+            "password": self.password,
+            "tls_ca": self.tls_ca,
             "timeout": self.timeout,
             "parallelism": self.parallelism,
             "batch_rows": self.batch_rows,
@@ -90,11 +111,27 @@ class Client:
         """The underlying ``pyarrow.flight.FlightClient`` (re-created after a fork)."""
         if self._conn is None or self._pid != os.getpid():
             self._workers = None  # a forked child has the pool object but none of its threads
+            header = _Authorization(f"Bearer {self.token}" if self.token else None)
             try:
-                self._conn = flight.connect(self.uri)
+                credentials = [header] if self.token or self.username is not None else None
+                conn = flight.connect(self.uri, tls_root_certs=self.tls_ca, middleware=credentials)
             except (pa.ArrowInvalid, ValueError) as e:
-                raise InvalidRequestError(f"invalid flightcache URI {self.uri!r}: {e}; use grpc://HOST:PORT") from e
-            self._pid = os.getpid()
+                raise InvalidRequestError(
+                    f"invalid flightcache URI {self.uri!r}: {e}; use grpc://HOST:PORT or grpc+tls://HOST:PORT"
+                ) from e
+            if self.username is not None:
+                assert self.password is not None
+                try:
+                    _, bearer = self._call(
+                        lambda: conn.authenticate_basic_token(self.username, self.password, self._options())
+                    )
+                except pa.ArrowNotImplementedError:
+                    raise NotImplementedByServerError(
+                        f"the server at {self.uri} takes no credentials (it runs without --auth-token-file); "
+                        "connect without username and password"
+                    ) from None
+                header.value = bearer.decode()
+            self._conn, self._pid = conn, os.getpid()
         return self._conn
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -423,6 +460,40 @@ class Client:
         if isinstance(params, tuple):
             return list(params)
         raise InvalidRequestError(f"sql params must be a list, tuple or dict, got {type(params).__name__}")
+
+
+class _Authorization(flight.ClientMiddlewareFactory):
+    """Sends ``authorization: <value>`` on every call, including those made on ``Client.flight`` directly."""
+
+    def __init__(self, value: str | None) -> None:
+        super().__init__()
+        self.value = value
+
+    def start_call(self, info: flight.CallInfo) -> flight.ClientMiddleware | None:
+        return _Header(self.value) if self.value else None
+
+
+class _Header(flight.ClientMiddleware):
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self.value = value
+
+    def sending_headers(self) -> dict[str, str]:
+        return {"authorization": self.value}
+
+
+def read_ca(ca: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    """PEM bytes of a CA certificate given as bytes, PEM text or a file path (read once, here: a
+    pickled client then needs no copy of the file)."""
+    if not ca or isinstance(ca, bytes):
+        return ca or None
+    if isinstance(ca, str) and ca.lstrip().startswith("-----BEGIN"):
+        return ca.encode()
+    try:
+        with open(ca, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read the TLS CA certificate {os.fspath(ca)!r}: {e.strerror}") from e
 
 
 def _as_reader(data: Any, batch_rows: int) -> tuple[pa.RecordBatchReader, int | None]:

@@ -11,6 +11,9 @@
     ├── PutAbortedError           a put stream ended abnormally; nothing was published
     ├── SqlError                  a SQL query failed, timed out or was cancelled (DuckDB's message)
     ├── NotImplementedByServerError  a request the server understands but does not implement
+    ├── UnauthenticatedError      no valid credentials: a missing or unknown token, a wrong password
+    ├── UnauthorizedError         valid credentials whose role may not do this (a read token writing)
+    ├── LimitExceededError        a request over a server limit (put size, dataset count, action body)
     ├── ServerUnavailableError    the server cannot be reached
     └── NotInstalledError         an optional extra is missing
 
@@ -76,6 +79,18 @@ class NotImplementedByServerError(FlightcacheError, NotImplementedError):
     code = "NOT_IMPLEMENTED"
 
 
+class UnauthenticatedError(FlightcacheError, PermissionError):
+    code = "UNAUTHENTICATED"
+
+
+class UnauthorizedError(FlightcacheError, PermissionError):
+    code = "UNAUTHORIZED"
+
+
+class LimitExceededError(FlightcacheError):
+    code = "LIMIT_EXCEEDED"
+
+
 class ServerUnavailableError(FlightcacheError, ConnectionError):
     code = "UNAVAILABLE"
 
@@ -98,6 +113,9 @@ ERRORS_BY_CODE: dict[str, type[FlightcacheError]] = {
         PutAbortedError,
         SqlError,
         NotImplementedByServerError,
+        UnauthenticatedError,
+        UnauthorizedError,
+        LimitExceededError,
         ServerUnavailableError,
         NotInstalledError,
     )

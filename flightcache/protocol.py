@@ -25,7 +25,15 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .errors import ERRORS_BY_CODE, FlightcacheError, InvalidRequestError, ServerUnavailableError
+from .errors import (
+    ERRORS_BY_CODE,
+    FlightcacheError,
+    InvalidRequestError,
+    ServerUnavailableError,
+    UnauthenticatedError,
+    UnauthorizedError,
+)
+from .store import validate_name
 
 WIRE_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
@@ -85,6 +93,8 @@ class _Message:
         for key in ("columns", "parts"):
             if not all(isinstance(c, str) for c in obj.get(key) or []):
                 raise InvalidRequestError(f"{cls._what} field {key!r} must be a list of strings")
+        if obj.get("name") is not None:
+            validate_name(obj["name"])
         try:
             return cls(**obj)
         except TypeError as e:  # a required field is missing
@@ -263,11 +273,11 @@ def action_name(body: bytes, action: str) -> str:
         name = obj.get("name")
         if not isinstance(name, str) or set(obj) - {"name"}:
             raise InvalidRequestError(f'action {action!r} takes {{"name": "DATASET"}}, got {sorted(obj)}')
-        return name
+        return validate_name(name)
     if len(body) > MAX_REQUEST_BYTES:
         raise InvalidRequestError(f"body of action {action!r} is too large")
     try:
-        return body.decode("utf-8")
+        return validate_name(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InvalidRequestError(f"body of action {action!r} is neither JSON nor a UTF-8 dataset name") from e
 
@@ -282,7 +292,7 @@ def descriptor_name(descriptor: flight.FlightDescriptor) -> tuple[str, bytes | N
                 f"FlightDescriptor.for_path('logs/raw')), got {len(path)}"
             )
         try:
-            return path[0].decode("utf-8"), None
+            return validate_name(path[0].decode("utf-8")), None
         except UnicodeDecodeError as e:
             raise InvalidRequestError("the dataset name in the descriptor is not UTF-8") from e
     command = descriptor.command or b""
@@ -290,7 +300,7 @@ def descriptor_name(descriptor: flight.FlightDescriptor) -> tuple[str, bytes | N
     name = obj.get("name")
     if not isinstance(name, str):
         raise InvalidRequestError('a command descriptor must be a JSON object with a "name" string')
-    return name, command
+    return validate_name(name), command
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -299,6 +309,8 @@ _FLIGHT_CLASS: dict[str, type[flight.FlightError]] = {
     "UNAVAILABLE": flight.FlightUnavailableError,
     "PUT_ABORTED": flight.FlightCancelledError,
     "INTERNAL": flight.FlightInternalError,
+    "UNAUTHENTICATED": flight.FlightUnauthenticatedError,
+    "UNAUTHORIZED": flight.FlightUnauthorizedError,
 }
 
 
@@ -321,6 +333,15 @@ def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
     if code in ERRORS_BY_CODE:
         prefix = f"[{code}] "
         return ERRORS_BY_CODE[code](message[len(prefix) :] if message.startswith(prefix) else message)
+    if isinstance(exc, flight.FlightUnauthenticatedError):  # refused by a proxy or another Flight server
+        return UnauthenticatedError(f"{message}; give a token (token=, --token or $FLIGHTCACHE_TOKEN)")
+    if isinstance(exc, flight.FlightUnauthorizedError):
+        return UnauthorizedError(message)
+    if isinstance(exc, flight.FlightUnavailableError) and "certificate verify failed" in message:
+        return ServerUnavailableError(
+            f"TLS: the certificate of the flightcache server at {uri or 'the given URI'} is not trusted "
+            f"({message}); give the CA that signed it (tls_ca=, --tls-ca or $FLIGHTCACHE_TLS_CA)"
+        )
     if isinstance(exc, flight.FlightUnavailableError):
         return ServerUnavailableError(
             f"cannot reach the flightcache server at {uri or 'the given URI'} ({message}); "

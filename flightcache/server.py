@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
+from .auth import WRITE_ACTIONS, Auth, Limits, require_write, server_options
 from .cache import Cache
 from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
 from .filters import parse_filter
@@ -98,7 +99,9 @@ class FlightcacheServer(flight.FlightServerBase):
     """The Flight face of a ``Cache``. ``location`` like ``grpc://127.0.0.1:8815`` (port 0: any).
 
     Give a ``cache``, or a ``store`` (and optionally a ``storage`` and default ``persist`` mode) to
-    build one; with a storage tier the catalog is recovered from it before serving.
+    build one; with a storage tier the catalog is recovered from it before serving. ``auth``: the
+    credentials every call must carry (none: open to anyone who reaches the port); ``limits``: request
+    bounds. For TLS, a ``grpc+tls://`` location and ``tls_certificates=[flight.CertKeyPair(cert, key)]``.
     """
 
     def __init__(
@@ -113,12 +116,17 @@ class FlightcacheServer(flight.FlightServerBase):
         endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
         max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
         sql_limits: SqlLimits | None = None,
+        auth: Auth | None = None,
+        limits: Limits | None = None,
         **kwargs: Any,
     ) -> None:
         if cache is None:
             cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
             cache.recover()
-        super().__init__(location, **kwargs)
+        super().__init__(location, **server_options(auth), **kwargs)
+        self.auth = auth
+        self.limits = limits or Limits()
+        cache.store.max_datasets = self.limits.max_datasets
         self.cache = cache
         self.store = cache.store
         self.endpoint_bytes = endpoint_bytes
@@ -218,8 +226,9 @@ class FlightcacheServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         if self.sql is not None and self.sql.handles_descriptor(descriptor):
-            return self.sql.do_put(context, descriptor, reader, writer)
+            return self.sql.do_put(context, descriptor, reader, writer)  # binds query parameters: a read
         name, command = descriptor_name(descriptor)
+        require_write(context, f"put of dataset {name!r}")
         options = PutOptions.from_bytes(command) if command else None
         first = _next_chunk(reader)
         if options is None:
@@ -229,7 +238,7 @@ class FlightcacheServer(flight.FlightServerBase):
             raise InvalidRequestError(f"put options name {options.name!r} differs from the descriptor's {name!r}")
         started = time.perf_counter()
         staged = self.store.begin_put(name, reader.schema, options.mode)
-        rows = 0
+        rows = received = 0
         ended: EndOfStream | None = None
         try:
             chunk = first
@@ -239,6 +248,8 @@ class FlightcacheServer(flight.FlightServerBase):
                         raise InvalidRequestError(f"put of dataset {name!r} sent data after its end-of-stream message")
                     staged.add(chunk.data)
                     rows += chunk.data.num_rows
+                    received += chunk.data.nbytes
+                    self.limits.check_put(name, received)
                 elif options.trailer and chunk is not first and chunk.app_metadata is not None:
                     ended = EndOfStream.from_bytes(chunk.app_metadata.to_pybytes())
                 chunk = _next_chunk(reader)
@@ -288,10 +299,13 @@ class FlightcacheServer(flight.FlightServerBase):
 
     @_translated
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
-        if self.sql is not None and self.sql.handles_action(action.type):
-            return list(self.sql.do_action(context, action))
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
+        self.limits.check_action(kind, body)
+        if kind in WRITE_ACTIONS:
+            require_write(context, f"action {kind!r}")
+        if self.sql is not None and self.sql.handles_action(kind):
+            return list(self.sql.do_action(context, action))
         if kind == "drop":
             result: Any = self.cache.drop(action_name(body, kind))
             log.info("dropped %s (version %d, %d bytes)", result["name"], result["version"], result["bytes"])

@@ -25,7 +25,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .client import Client, default_uri
+from .client import Client, default_uri, read_ca
 from .errors import (
     DatasetExistsError,
     DatasetNotFoundError,
@@ -101,21 +101,25 @@ __all__ = ["FORMAT", "FlightcacheDataSource", "arrow_schema", "register", "spark
 FORMAT = "flightcache"
 PUSHDOWN_CONF = "spark.sql.python.filterPushdown.enabled"
 IF_EXISTS = ("error", "ignore")
-OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist")
+# Spark redacts the values of options named like "token" in plans and its UI (spark.redaction.regex).
+OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist", "token", "tls_ca")
+DRIVER_ENV = ("FLIGHTCACHE_URI", "FLIGHTCACHE_TOKEN", "FLIGHTCACHE_TLS_CA")
 PERSIST = ("none", "sync", "async")
 
 
 def register(spark: SparkSession) -> None:
     """Make ``format("flightcache")`` available in ``spark``; calling it again is harmless.
 
-    The driver's ``FLIGHTCACHE_URI``, if set, becomes the default of the ``uri`` option: Spark's
-    Python workers do not see variables the driver sets after the session started, so it is handed
-    to them through the SparkContext's worker environment.
+    The driver's ``FLIGHTCACHE_URI``, ``FLIGHTCACHE_TOKEN`` and ``FLIGHTCACHE_TLS_CA``, if set, become
+    the defaults of the ``uri``, ``token`` and ``tls_ca`` options: Spark's Python workers do not see
+    variables the driver sets after the session started, so they are handed to them through the
+    SparkContext's worker environment.
     """
-    uri = os.environ.get("FLIGHTCACHE_URI")
-    if uri:
-        with suppress(AttributeError):  # Spark Connect has no SparkContext; its server's environment applies
-            spark.sparkContext.environment["FLIGHTCACHE_URI"] = uri
+    for var in DRIVER_ENV:
+        value = os.environ.get(var)
+        if value:
+            with suppress(AttributeError):  # Spark Connect has no SparkContext; its server's environment applies
+                spark.sparkContext.environment[var] = value
     spark.dataSource.register(FlightcacheDataSource)
     from .spark_parquet import ArrowParquetDataSource  # the object-storage baseline, same session
 
@@ -134,6 +138,8 @@ class _Options:
     pushdown: bool = False
     if_exists: str | None = None
     persist: str | None = None
+    token: str | None = field(default=None, repr=False)
+    tls_ca: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> _Options:
@@ -180,10 +186,12 @@ class _Options:
             pushdown == "true",
             if_exists,
             persist,
+            options.get("token") or os.environ.get("FLIGHTCACHE_TOKEN") or None,
+            read_ca(options.get("tls_ca") or os.environ.get("FLIGHTCACHE_TLS_CA") or None),
         )
 
     def client(self) -> Client:
-        return Client(self.uri)
+        return Client(self.uri, token=self.token, tls_ca=self.tls_ca)
 
     @contextmanager
     def context(self, doing: str) -> Iterator[None]:

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .errors import StorageError
+from .errors import InvalidNameError, StorageError
+from .store import validate_name
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds  # imported where used: it brings pandas, ~50 MiB the server rarely needs
@@ -48,6 +49,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 DEFAULT_PART_BYTES = 128 * 1024 * 1024
 _VERSION_DIR = re.compile(r"v(\d+)")
+_PART_FILE = re.compile(r"part-\d{5}\.parquet")
 _TRANSIENT = re.compile(
     r"slow[ _]?down|throttl|too[ _]many[ _]requests|request[ _]?timeout|timed?[ _]?out|internal[ _]?error"
     r"|service[ _]?unavailable"
@@ -95,6 +97,8 @@ class Manifest:
             if d.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"unknown manifest format {d.get('format')!r}")
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["schema"])))
+            if not all(_PART_FILE.fullmatch(str(f["path"])) for f in d["files"]):
+                raise ValueError("a part path is not part-NNNNN.parquet")
             return cls(
                 d["name"],
                 int(d["version"]),
@@ -135,6 +139,7 @@ class Storage:
     # -- paths -------------------------------------------------------------------------------
 
     def _dataset_dir(self, name: str) -> str:
+        validate_name(name)  # the grammar keeps every path under the root: no '..', '/', '\\' or NUL
         return f"{self.root}/{name}" if self.root else name
 
     def _version_dir(self, name: str, version: int) -> str:
@@ -275,7 +280,9 @@ class Storage:
                 continue
             try:
                 m = Manifest.from_json(raw.to_pybytes(), self.describe(info.path))
-            except StorageError as e:
+                if info.path != f"{self._version_dir(m.name, m.version)}/{MANIFEST}":
+                    raise StorageError(f"manifest at {self.describe(info.path)} names {m.name!r} v{m.version}")
+            except (StorageError, InvalidNameError) as e:
                 log.warning("ignoring %s", e)
                 continue
             if m.name not in manifests or m.version > manifests[m.name].version:

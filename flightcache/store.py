@@ -27,6 +27,7 @@ from .errors import (
     DatasetNotFoundError,
     InvalidNameError,
     InvalidRequestError,
+    LimitExceededError,
     MemoryFullError,
     NotInMemoryError,
     PutAbortedError,
@@ -243,6 +244,7 @@ class Store:
         txn_timeout: float = 3600.0,
         clock: Callable[[], float] = time.time,
         on_full: Callable[[int], int] | None = None,
+        max_datasets: int | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
@@ -252,6 +254,7 @@ class Store:
         self.txn_timeout = txn_timeout
         self._clock = clock
         self.on_full = on_full  # called (without the lock) with the shortfall; returns bytes it freed
+        self.max_datasets = max_datasets  # bound on names in the catalog (memory and storage-only)
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._retained: list[_Retained] = []
@@ -273,6 +276,7 @@ class Store:
             )
         with self._lock:
             self._check_mode(name, schema, mode)
+            self._check_room_for(name)  # now, before any data arrives; again at publish
         return StagedPut(self, name, schema, mode)
 
     def put(self, name: str, data: pa.Table | pa.RecordBatchReader, mode: str = "overwrite") -> Version:
@@ -381,6 +385,13 @@ class Store:
                 "cast the data to the current schema, or use mode 'overwrite' to replace it"
             )
 
+    def _check_room_for(self, name: str) -> None:
+        if self.max_datasets is not None and name not in self._entries and len(self._entries) >= self.max_datasets:
+            raise LimitExceededError(
+                f"cannot create dataset {name!r}: the server holds at most {self.max_datasets} datasets "
+                "(flightcache serve --max-datasets); drop one first"
+            )
+
     def next_version(self, name: str) -> int:
         """The number the next publish of ``name`` gets (callers serialise publishes of one name)."""
         with self._lock:
@@ -390,6 +401,7 @@ class Store:
         with self._lock:
             self._expire_retained()
             self._check_mode(staged.name, staged.schema, staged.mode)
+            self._check_room_for(staged.name)
             entry = self._entries.get(staged.name)
             batches = tuple(staged.batches)
             if staged.mode == "append" and entry is not None:
