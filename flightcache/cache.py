@@ -94,23 +94,26 @@ class Cache:
             )
         return {"datasets": len(manifests), "removed": removed}
 
-    def close(self, flush: bool = True) -> None:
-        """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first."""
+    def close(self, flush: bool = True) -> dict[str, int]:
+        """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first (see ``flush``)."""
         self._stop.set()
-        if flush:
-            self.flush()
+        flushed = self.flush() if flush else {"flushed": 0, "flush_failed": 0}
         if self._pool is not None:
             self._pool.shutdown(wait=flush, cancel_futures=not flush)
+        return flushed
 
-    def flush(self) -> None:
-        """Wait until every pending write-back has finished (successfully or not)."""
+    def flush(self) -> dict[str, int]:
+        """Wait until every pending write-back has finished; how many succeeded and failed."""
+        seen: set[Future[None]] = set()
         while True:
             with self._guard:
-                pending = list(self._pending.values())
+                pending = [f for f in self._pending.values() if f not in seen]
             if not pending:
-                return
+                failed = sum(f.exception() is not None for f in seen)
+                return {"flushed": len(seen) - failed, "flush_failed": failed}
             for future in pending:
                 future.exception()
+                seen.add(future)
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
@@ -402,7 +405,7 @@ class Cache:
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
         details = {i.name: i.counters for i in self.store.list()}
-        totals = {k: sum(c[k] for c in details.values()) for k in next(iter(details.values()), {})}
+        totals = self.store.counter_totals()
         with self._guard:
             pending = len(self._pending)
         return {
