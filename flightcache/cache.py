@@ -65,6 +65,7 @@ class Cache:
         self._name_locks: dict[str, threading.RLock] = {}
         self._loads: dict[str, Future[Version]] = {}
         self._pending: dict[str, Future[None]] = {}
+        self._writebacks = {"writebacks_done": 0, "writebacks_failed": 0}
         self._pool = ThreadPoolExecutor(persist_threads, thread_name_prefix="flightcache-persist") if storage else None
         self._stop = threading.Event()
         self._sweeper = threading.Thread(
@@ -94,26 +95,23 @@ class Cache:
             )
         return {"datasets": len(manifests), "removed": removed}
 
-    def close(self, flush: bool = True) -> dict[str, int]:
-        """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first (see ``flush``)."""
+    def close(self, flush: bool = True) -> None:
+        """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first."""
         self._stop.set()
-        flushed = self.flush() if flush else {"flushed": 0, "flush_failed": 0}
+        if flush:
+            self.flush()
         if self._pool is not None:
             self._pool.shutdown(wait=flush, cancel_futures=not flush)
-        return flushed
 
-    def flush(self) -> dict[str, int]:
-        """Wait until every pending write-back has finished; how many succeeded and failed."""
-        seen: set[Future[None]] = set()
+    def flush(self) -> None:
+        """Wait until every pending write-back has finished (successfully or not)."""
         while True:
             with self._guard:
-                pending = [f for f in self._pending.values() if f not in seen]
+                pending = list(self._pending.values())
             if not pending:
-                failed = sum(f.exception() is not None for f in seen)
-                return {"flushed": len(seen) - failed, "flush_failed": failed}
+                return
             for future in pending:
                 future.exception()
-                seen.add(future)
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
@@ -301,6 +299,8 @@ class Cache:
         with self._guard:
             if self._pending.get(name) is future:
                 del self._pending[name]
+            if not future.cancelled():
+                self._writebacks["writebacks_failed" if future.exception() else "writebacks_done"] += 1
 
     def _persist_current(self, name: str, number: int) -> None:
         """Write version ``number`` of ``name`` to storage if it is still the current one."""
@@ -408,10 +408,12 @@ class Cache:
         totals = self.store.counter_totals()
         with self._guard:
             pending = len(self._pending)
+            writebacks = dict(self._writebacks)
         return {
             **s,
             **totals,
             "pending_persists": pending,
+            **writebacks,
             "storage": self.storage.uri if self.storage else None,
             "per_dataset": details,
         }

@@ -305,9 +305,10 @@ def serve(args: argparse.Namespace) -> int:
             return
         stopping.set()
         log.warning(
-            "received %s: draining (%d calls in flight, grace period %.0f s)",
+            "received %s: draining (%d calls in flight, %d write-backs pending, grace period %.0f s)",
             signal.Signals(signum).name,
             server.ops.in_flight,
+            server.cache.stats()["pending_persists"],
             args.grace_period,
         )
 
@@ -338,14 +339,13 @@ def serve(args: argparse.Namespace) -> int:
     log.log(
         logging.ERROR if summary["flush_failed"] else logging.WARNING,
         "stopped after %.1f s: %d calls finished, %d cut at the end of the grace period; "
-        "%d write-backs flushed, %d failed",
+        "%d write-backs finished, %d failed",
         summary["seconds"],
         summary["finished"],
         summary["cut"],
         summary["flushed"],
         summary["flush_failed"],
     )
-    print("flightcache server stopped", file=sys.stderr)
     status = 1 if summary["flush_failed"] else 0  # a failed write-back is data that exists nowhere now
     if summary["cut"]:
         # The Flight server waits for its calls without bound; ending the process ends them.
@@ -531,6 +531,7 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         ["bytes loaded", format_bytes(s.get("bytes_loaded", 0))],
         ["bytes persisted", format_bytes(s.get("bytes_persisted", 0))],
         ["pending persists", str(s["pending_persists"])],
+        ["write-backs / failed", f"{s['writebacks_done']} / {s['writebacks_failed']}"],
         ["storage", s["storage"] or "none"],
         ["calls in flight", str(s["in_flight"]) + (" (draining)" if s["draining"] else "")],
         ["uptime", f"{s['uptime_s']:.0f} s"],

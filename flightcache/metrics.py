@@ -102,23 +102,27 @@ class Operations(flight.ServerMiddlewareFactory):
         method = info.method.name.lower()
         # Actions pass here so a health check is answered while draining; do_action refuses the rest.
         if self.draining and info.method != flight.FlightMethod.DO_ACTION:
-            raise error_to_flight(draining_error())
+            refusal = error_to_flight(draining_error())
+            self._account(method, {}, refusal, 0.0)
+            raise refusal
         with self._changed:
             self._in_flight += 1
         return _Call(self, method)
 
     def _finished(self, call: _Call, exception: BaseException | None) -> None:
-        seconds = time.perf_counter() - call.started
-        outcome = _outcome(exception)
-        action = str(call.fields.get("action", ""))
-        label = action if action in self.known_actions or not action else "other"
-        self.requests.record(call.method, label, outcome, seconds)
         with self._changed:
             self._in_flight -= 1
             self._changed.notify_all()
+        self._account(call.method, call.fields, exception, time.perf_counter() - call.started)
+
+    def _account(self, method: str, noted: dict[str, Any], exception: BaseException | None, seconds: float) -> None:
+        """Count a call and write its request log line."""
+        outcome = _outcome(exception)
+        action = str(noted.get("action", ""))
+        label = action if action in self.known_actions or not action else "other"
+        self.requests.record(method, label, outcome, seconds)
         if request_log.isEnabledFor(logging.INFO):
-            fields: dict[str, Any] = {"method": call.method, **call.fields, "duration_ms": round(seconds * 1000, 3)}
-            fields["outcome"] = outcome
+            fields = {"method": method, **noted, "duration_ms": round(seconds * 1000, 3), "outcome": outcome}
             if exception is not None:
                 fields["error"] = _clean(str(exception))
             request_log.info("request %s", logfmt(fields), extra={"fields": fields})
@@ -242,6 +246,8 @@ COUNTERS = (
     ("flightcache_puts", "puts", "Puts published or staged."),
     ("flightcache_puts_aborted", "puts_aborted", "Puts that ended abnormally; nothing was published."),
     ("flightcache_gets", "gets", "do_get streams started."),
+    ("flightcache_writebacks", "writebacks_done", "Write-backs (async persists) that committed."),
+    ("flightcache_writeback_failures", "writebacks_failed", "Write-backs that failed (state persist-failed)."),
 )
 GAUGES = (
     ("flightcache_memory_used_bytes", "memory_used", "Bytes of distinct Arrow buffers held by datasets."),

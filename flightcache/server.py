@@ -152,12 +152,19 @@ class FlightcacheServer(flight.FlightServerBase):
         the Flight server would wait for them without bound, so it is stopped only when none are
         left (``cut`` is 0); else the caller ends them by exiting the process.
         """
-        started = time.monotonic()
+        started, before = time.monotonic(), self.cache.stats()
         finished, cut = self.ops.drain(grace)
-        flushed = self.cache.close(flush=True)
+        self.cache.close(flush=True)
         if not cut:
             super().shutdown()
-        return {"finished": finished, "cut": cut, **flushed, "seconds": round(time.monotonic() - started, 3)}
+        after = self.cache.stats()
+        return {
+            "finished": finished,
+            "cut": cut,
+            "flushed": after["writebacks_done"] - before["writebacks_done"],
+            "flush_failed": after["writebacks_failed"] - before["writebacks_failed"],
+            "seconds": round(time.monotonic() - started, 3),
+        }
 
     def _count(self, **amounts: int) -> None:
         with self._counters_lock:

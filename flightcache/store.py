@@ -262,7 +262,7 @@ class Store:
         self._next_version: dict[str, int] = {}
         self._txns: dict[str, _Txn] = {}
         self._aborted: dict[str, float] = {}  # txn -> until when late parts are refused
-        self._dropped_counters = dict.fromkeys(COUNTERS, 0.0)  # so totals never go down (Prometheus counters)
+        self._dropped_counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)  # totals never go down
 
     # -- writing ---------------------------------------------------------------------------
 
