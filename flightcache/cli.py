@@ -336,8 +336,7 @@ def serve(args: argparse.Namespace) -> int:
     summary = server.drain(args.grace_period)
     if metrics is not None:
         metrics.close()
-    log.log(
-        logging.ERROR if summary["flush_failed"] else logging.WARNING,
+    log.warning(
         "stopped after %.1f s: %d calls finished, %d cut at the end of the grace period; "
         "%d write-backs finished, %d failed",
         summary["seconds"],
@@ -346,7 +345,12 @@ def serve(args: argparse.Namespace) -> int:
         summary["flushed"],
         summary["flush_failed"],
     )
-    status = 1 if summary["flush_failed"] else 0  # a failed write-back is data that exists nowhere now
+    if summary["persist_failed"]:
+        log.error(
+            "%d datasets failed to persist (state persist-failed; see 'flightcache ls'): their data is lost",
+            summary["persist_failed"],
+        )
+    status = 1 if summary["persist_failed"] else 0
     if summary["cut"]:
         # The Flight server waits for its calls without bound; ending the process ends them.
         logging.shutdown()

@@ -41,7 +41,7 @@ from .protocol import (
 )
 from .sql import SqlLimits, SqlService
 from .storage import Storage
-from .store import Store, Version
+from .store import PERSIST_FAILED, Store, Version
 
 log = logging.getLogger("flightcache.server")
 
@@ -163,6 +163,7 @@ class FlightcacheServer(flight.FlightServerBase):
             "cut": cut,
             "flushed": after["writebacks_done"] - before["writebacks_done"],
             "flush_failed": after["writebacks_failed"] - before["writebacks_failed"],
+            "persist_failed": after["states"][PERSIST_FAILED],
             "seconds": round(time.monotonic() - started, 3),
         }
 

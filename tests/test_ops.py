@@ -337,3 +337,18 @@ def test_streams_past_the_grace_period_are_cut(tmp_path: Path) -> None:
         with pytest.raises((flight.FlightError, pa.ArrowException)):
             reader.read_all()
     assert "0 calls finished, 1 cut at the end of the grace period" in log_file.read_text()
+
+
+def test_exit_status_1_when_a_write_back_failed(tmp_path: Path) -> None:
+    """A dataset that could not be persisted is lost with the process: the stop says so and exits 1."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "wb").write_text("a file where the dataset's directory goes")
+    log_file = tmp_path / "server.log"
+    with log_file.open("w") as err:
+        proc, uri = start_server("--storage", str(storage), stderr=err)
+    with flightcache.connect(uri) as fc:
+        fc.put("wb", logs_table(100), persist="async")
+        _wait(lambda: fc.info("wb")["state"] == "persist-failed", "the write-back to fail")
+    assert stop_server(proc) == 1
+    assert "1 datasets failed to persist" in log_file.read_text()
