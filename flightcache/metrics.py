@@ -35,6 +35,8 @@ DEFAULT_GRACE_SECONDS = 20.0
 # Upper bounds in seconds: a metadata call takes about a millisecond, a stream of gigabytes a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # The one action a draining server still answers, so orchestrators can see it is shutting down.
+# Authentication (being added separately) should let it through without a token too: probes
+# from orchestrators and load balancers carry no credentials.
 HEALTHCHECK = "healthcheck"
 
 

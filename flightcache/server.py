@@ -312,13 +312,13 @@ class FlightcacheServer(flight.FlightServerBase):
 
     @_translated
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+        note(context, action=action.type)
+        if self.ops.draining and action.type != HEALTHCHECK:
+            raise draining_error()
         if self.sql is not None and self.sql.handles_action(action.type):
             return list(self.sql.do_action(context, action))
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
-        note(context, action=kind)
-        if self.ops.draining and kind != HEALTHCHECK:
-            raise draining_error()
         if kind == HEALTHCHECK:
             result: Any = self.health()
         elif kind == "drop":
@@ -407,7 +407,7 @@ class FlightcacheServer(flight.FlightServerBase):
         }
 
     def health(self) -> dict[str, Any]:
-        """What an orchestrator's health check needs. Keep it answerable without credentials."""
+        """What an orchestrator's health check needs (the healthcheck action, answered while draining)."""
         s = self.cache.stats()
         return {
             "status": "draining" if self.ops.draining else "ok",
