@@ -295,7 +295,11 @@ def serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         from .metrics import MetricsEndpoint
 
-        metrics = MetricsEndpoint(server, args.metrics_port, args.metrics_host)
+        try:
+            metrics = MetricsEndpoint(server, args.metrics_port, args.metrics_host)
+        except BaseException:  # prometheus-client missing, port taken: the error is the message, not a hang
+            server.shutdown()
+            raise
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:

@@ -316,7 +316,10 @@ class MetricsEndpoint:
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(server))
         ProcessCollector(registry=self.registry)  # resident memory, CPU, open files of the server process
-        self._http, self._thread = start_http_server(port, host, registry=self.registry)
+        try:
+            self._http, self._thread = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve metrics at {host}:{port}: {e.strerror}") from e
         self.host = host
         self.port = self._http.server_port
 

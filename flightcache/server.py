@@ -121,9 +121,10 @@ class FlightcacheServer(flight.FlightServerBase):
             cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
             cache.recover()
         sql = SqlService(cache, sql_limits)
-        # Request accounting, the request log and draining (flightcache.metrics) see every call.
+        # Request accounting, the request log and draining (flightcache.metrics) see every call: first,
+        # so calls that a later middleware refuses are counted and logged too.
         self.ops = Operations({*ACTIONS, *(name for name, _ in sql.list_actions())})
-        kwargs["middleware"] = {**kwargs.get("middleware", {}), MIDDLEWARE_KEY: self.ops}
+        kwargs["middleware"] = {MIDDLEWARE_KEY: self.ops, **kwargs.get("middleware", {})}
         super().__init__(location, **kwargs)
         self.cache = cache
         self.store = cache.store

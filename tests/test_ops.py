@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -262,6 +263,17 @@ def test_stats_command_tables(served: tuple[str, Any], tmp_path: Path) -> None:
     s = json.loads(run_cli("stats", "--uri", uri, "--output", "json").stdout)
     assert s["hits"] == 1 and s["puts"] == 1 and "logs/raw" in s["per_dataset"]
     assert {r["method"] for r in s["requests"]} >= {"do_put", "do_get", "get_flight_info"}
+
+
+def test_metrics_port_taken_is_one_line() -> None:
+    """serve --metrics-port on a port in use fails at start with one line, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--port", "0", "--storage", "none", "--metrics-port", str(port))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert f"flightcache serve: error: [Errno 98] cannot serve metrics at 127.0.0.1:{port}" in r.stderr
 
 
 def _reader_at_first_batch(uri: str, name: str) -> tuple[flight.FlightStreamReader, pa.RecordBatch]:
