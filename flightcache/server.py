@@ -320,8 +320,9 @@ class FlightcacheServer(flight.FlightServerBase):
             return list(self.sql.do_action(context, action))
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
-        if kind == HEALTHCHECK:
-            result: Any = self.health()
+        if kind in (HEALTHCHECK, "stats"):
+            result: Any = self.health() if kind == HEALTHCHECK else self.stats()
+            result["in_flight"] -= 1  # not this call
         elif kind == "drop":
             result = self.cache.drop(action_name(body, kind))
             note(context, dataset=result["name"], version=result["version"], bytes=result["bytes"])
@@ -342,8 +343,6 @@ class FlightcacheServer(flight.FlightServerBase):
             result = self.store.info(action_name(body, kind)).to_dict()
         elif kind == "list":
             result = [i.to_dict() for i in self.store.list()]
-        elif kind == "stats":
-            result = self.stats()
         elif kind == "commit":
             c = CommitRequest.from_bytes(body)
             version = self.cache.commit(

@@ -204,6 +204,7 @@ def test_healthcheck_action(tiered: FlightcacheServer, fc: flightcache.Client) -
     assert h["datasets"] == 1 and h["memory_used"] > 0 and h["memory_limit"] == 64 * 1024 * 1024
     assert h["pending_persists"] == 0 and h["uptime_s"] >= 0
     assert fc.ping()["latency_s"] > 0
+    _wait(lambda: fc.healthcheck()["in_flight"] == 0, "no other call in flight")  # the check leaves itself out
     actions = dict((a.type, a.description) for a in fc.flight.list_actions())
     assert "draining" in actions["healthcheck"]
     plain = flight.connect(fc.uri)
@@ -364,3 +365,21 @@ def test_exit_status_1_when_a_write_back_failed(tmp_path: Path) -> None:
         _wait(lambda: fc.info("wb")["state"] == "persist-failed", "the write-back to fail")
     assert stop_server(proc) == 1
     assert "1 datasets failed to persist" in log_file.read_text()
+
+
+@pytest.mark.slow
+def test_second_signal_stops_waiting(tmp_path: Path) -> None:
+    """A second SIGINT ends the grace period at once: the stalled read is cut, the stop is still clean."""
+    log_file = tmp_path / "server.log"
+    with log_file.open("w") as err:
+        proc, uri = start_server("--storage", "none", "--grace-period", "600", stderr=err)
+    with flightcache.connect(uri) as fc:
+        fc.put("big", pa.table({"x": pa.array(range(8_000_000), pa.int64())}))
+        reader, _ = _reader_at_first_batch(uri, "big")
+        proc.send_signal(signal.SIGINT)
+        _wait(lambda: fc.healthcheck()["draining"], "the server to drain")
+        assert stop_server(proc, signal.SIGINT) == 0
+        with pytest.raises((flight.FlightError, pa.ArrowException)):
+            reader.read_all()
+    log = log_file.read_text()
+    assert "received SIGINT again: not waiting" in log and "0 calls finished, 1 cut" in log
