@@ -325,9 +325,11 @@ class FlightcacheServer(flight.FlightServerBase):
             result["in_flight"] -= 1  # not this call
         elif kind == "drop":
             result = self.cache.drop(action_name(body, kind))
-            note(context, dataset=result["name"], version=result["version"], bytes=result["bytes"])
+            note(context, version=result["version"], bytes=result["bytes"])
         elif kind == "load":
-            return self._load(LoadRequest.from_bytes(body))
+            load = LoadRequest.from_bytes(body)
+            note(context, dataset=load.name, uri=load.uri)
+            return self._load(load)
         elif kind == "persist":
             p = PersistRequest.from_bytes(body)
             result = self.cache.persist(p.name, wait=p.wait)
@@ -348,7 +350,7 @@ class FlightcacheServer(flight.FlightServerBase):
             version = self.cache.commit(
                 c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema(), persist=c.persist, ttl=c.ttl
             )
-            note(context, dataset=version.name, version=version.number, txn=c.txn)
+            note(context, version=version.number, txn=c.txn)
             result = {
                 "name": version.name,
                 "version": version.number,
@@ -360,6 +362,8 @@ class FlightcacheServer(flight.FlightServerBase):
             result = {"txn": a.txn, "parts_discarded": self.store.abort(a.txn)}
         else:
             raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
+        if isinstance(result, dict) and isinstance(result.get("name"), str):
+            note(context, dataset=result["name"])
         return [json.dumps(result).encode()]
 
     def _load(self, request: LoadRequest) -> Iterator[bytes]:
