@@ -230,7 +230,8 @@ def test_metrics_need_the_extra(tiered: FlightcacheServer, monkeypatch: pytest.M
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+def served() -> Iterator[tuple[str, Any]]:
+    """A `flightcache serve` process without storage, and its URI."""
     proc, uri = start_server("--memory-limit", "64MiB", "--storage", "none")
     yield uri, proc
     stop_server(proc, signal.SIGKILL)
@@ -248,7 +249,7 @@ def test_ping_command(served: tuple[str, Any]) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_stats_command_tables(served: tuple[str, Any], tmp_path: Path) -> None:
+def test_stats_command_tables(served: tuple[str, Any]) -> None:
     """flightcache stats: figures with the hit ratio, a table of calls with latencies, one row per dataset."""
     uri, _ = served
     with flightcache.connect(uri) as c:
