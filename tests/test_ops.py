@@ -384,3 +384,11 @@ def test_second_signal_stops_waiting(tmp_path: Path) -> None:
             reader.read_all()
     log = log_file.read_text()
     assert "received SIGINT again: not waiting" in log and "0 calls finished, 1 cut" in log
+
+
+def test_help_shows_the_operations_flags() -> None:
+    """The new flags and the ping command are explained by --help."""
+    r = run_cli("serve", "--help")
+    for flag in ("--metrics-port", "--metrics-host", "--grace-period", "--log-format"):
+        assert flag in r.stdout, flag
+    assert "ping" in run_cli("--help").stdout and "--timeout" in run_cli("ping", "--help").stdout
