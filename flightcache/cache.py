@@ -86,6 +86,7 @@ class Cache:
         self._name_locks: dict[str, threading.RLock] = {}
         self._loads: dict[str, Future[Version]] = {}
         self._pending: dict[str, Future[None]] = {}
+        self._writebacks = {"writebacks_done": 0, "writebacks_failed": 0}
         self._pool = ThreadPoolExecutor(persist_threads, thread_name_prefix="flightcache-persist") if storage else None
         self._received = 0  # bytes put since the last trim: their receive buffers are garbage by now
         self._high_water = 0  # most memory used since the last trim
@@ -323,6 +324,8 @@ class Cache:
         with self._guard:
             if self._pending.get(name) is future:
                 del self._pending[name]
+            if not future.cancelled():
+                self._writebacks["writebacks_failed" if future.exception() else "writebacks_done"] += 1
 
     def _persist_current(self, name: str, number: int) -> None:
         """Write version ``number`` of ``name`` to storage if it is still the current one."""
@@ -439,13 +442,15 @@ class Cache:
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
         details = {i.name: i.counters for i in self.store.list()}
-        totals = {k: sum(c[k] for c in details.values()) for k in next(iter(details.values()), {})}
+        totals = self.store.counter_totals()
         with self._guard:
             pending = len(self._pending)
+            writebacks = dict(self._writebacks)
         return {
             **s,
             **totals,
             "pending_persists": pending,
+            **writebacks,
             "storage": self.storage.uri if self.storage else None,
             "per_dataset": details,
         }

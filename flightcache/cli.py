@@ -18,6 +18,7 @@ from .auth import DEFAULT_MAX_ACTION_BYTES
 from .cache import PERSIST_MODES
 from .client import DEFAULT_URI, Client
 from .errors import FlightcacheError
+from .metrics import DEFAULT_GRACE_SECONDS, configure_logging
 from .store import DEFAULT_BATCH_ROWS, NAME_GRAMMAR, format_bytes, parse_bytes
 
 log = logging.getLogger("flightcache")
@@ -113,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
         "async (write-back) (default: %(default)s)",
     )
     _security_flags(serve)
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics; 0 picks a free port (default: off)",
+    )
+    serve.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--grace-period",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        help="on SIGTERM/SIGINT, seconds to let calls in flight finish before write-backs are flushed and "
+        "the server exits; a second signal stops waiting (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("FLIGHTCACHE_LOG_FORMAT", "text"),
+        help="text lines or JSON lines on stderr; --log-level INFO logs one line per request "
+        "(default: $FLIGHTCACHE_LOG_FORMAT or %(default)s)",
+    )
 
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
 
@@ -205,7 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         parents=[common],
         help="show server figures",
-        description="Show memory used and limit, dataset count and request counters.",
+        description="Show memory, datasets by state, cache counters, requests per call and per dataset figures.",
+    )
+
+    ping = sub.add_parser(
+        "ping",
+        parents=[common],
+        help="check that a server is up (for health checks)",
+        description="Ask the server for its health. Exit status 0 when it serves, 1 when it cannot be reached "
+        "or is shutting down.",
+    )
+    ping.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default: %(default)s)"
     )
     for command, subparser in sub.choices.items():
         if command != "serve":
@@ -227,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         if args.command == "serve":
             return serve(args)
@@ -340,13 +374,30 @@ def serve(args: argparse.Namespace) -> int:
         log.warning(
             "serving on %s without --auth-token-file: anyone who reaches the port can read and write", args.host
         )
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import MetricsEndpoint
+
+        try:
+            metrics = MetricsEndpoint(server, args.metrics_port, args.metrics_host)
+        except BaseException:  # prometheus-client missing, port taken: the error is the message, not a hang
+            server.shutdown()
+            raise
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            log.warning("received %s, shutting down", signal.Signals(signum).name)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+        if stopping.is_set():
+            log.warning("received %s again: not waiting for the calls in flight", signal.Signals(signum).name)
+            server.ops.cut()
+            return
+        stopping.set()
+        log.warning(
+            "received %s: draining (%d calls in flight, %d write-backs pending, grace period %.0f s)",
+            signal.Signals(signum).name,
+            server.ops.in_flight,
+            server.cache.stats()["pending_persists"],
+            args.grace_period,
+        )
 
     def reload(signum: int, frame: object) -> None:
         try:
@@ -370,16 +421,39 @@ def serve(args: argparse.Namespace) -> int:
             "storage": storage.uri if storage else None,
             "recovered": recovered,
             "auth": auth.summary() if auth else None,
+            "metrics": metrics.url if metrics else None,
         },
         f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, {where}, "
-        f"pid {os.getpid()})",
+        f"pid {os.getpid()}" + (f", metrics at {metrics.url})" if metrics else ")"),
     )
     sys.stdout.flush()
     while not stopping.wait(0.2):
         pass
-    server.wait()
-    print("flightcache server stopped", file=sys.stderr)
-    return 0
+    summary = server.drain(args.grace_period)
+    if metrics is not None:
+        metrics.close()
+    log.warning(
+        "stopped after %.1f s: %d calls finished, %d cut at the end of the grace period; "
+        "%d write-backs finished, %d failed",
+        summary["seconds"],
+        summary["finished"],
+        summary["cut"],
+        summary["flushed"],
+        summary["flush_failed"],
+    )
+    if summary["persist_failed"]:
+        log.error(
+            "%d datasets failed to persist (state persist-failed; see 'flightcache ls'): their data is lost",
+            summary["persist_failed"],
+        )
+    status = 1 if summary["persist_failed"] else 0
+    if summary["cut"]:
+        # The Flight server waits for its calls without bound; ending the process ends them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def cmd_ls(client: Client, args: argparse.Namespace) -> int:
@@ -522,10 +596,25 @@ def cmd_drop(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ping(client: Client, args: argparse.Namespace) -> int:
+    client.timeout = args.timeout
+    h = client.ping()
+    limit = format_bytes(h["memory_limit"]) if h["memory_limit"] else "no limit"
+    _emit(
+        args,
+        h,
+        f"{client.uri}: {h['status']}, flightcache {h['version']}, up {h['uptime_s']:.0f} s, "
+        f"{h['datasets']} datasets, memory {format_bytes(h['memory_used'])} of {limit}, "
+        f"{h['pending_persists']} pending persists ({1000 * h['latency_s']:.1f} ms)",
+    )
+    return 0
+
+
 def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     s = client.stats()
     limit = s.get("memory_limit")
     pct = f" ({100 * s['memory_used'] / limit:.1f}%)" if limit else ""
+    reads = s.get("hits", 0) + s.get("misses", 0)
     lines = [
         ["datasets", str(s["datasets"])],
         ["memory used", f"{format_bytes(s['memory_used'])}{pct}"],
@@ -535,13 +624,16 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         ["puts / aborted", f"{s['puts']} / {s['puts_aborted']}"],
         ["gets (streams)", str(s["gets"])],
         ["hits / misses", f"{s.get('hits', 0):.0f} / {s.get('misses', 0):.0f}"],
+        ["hit ratio", f"{100 * s.get('hits', 0) / reads:.1f}%" if reads else "-"],
         ["evictions", f"{s.get('evictions', 0):.0f}"],
         ["bytes received", format_bytes(s["bytes_received"])],
         ["bytes served", format_bytes(s["bytes_served"])],
         ["bytes loaded", format_bytes(s.get("bytes_loaded", 0))],
         ["bytes persisted", format_bytes(s.get("bytes_persisted", 0))],
         ["pending persists", str(s["pending_persists"])],
+        ["write-backs / failed", f"{s['writebacks_done']} / {s['writebacks_failed']}"],
         ["storage", s["storage"] or "none"],
+        ["calls in flight", str(s["in_flight"]) + (" (draining)" if s["draining"] else "")],
         ["uptime", f"{s['uptime_s']:.0f} s"],
     ]
     states = ", ".join(f"{n} {state}" for state, n in s["states"].items() if n)
@@ -560,13 +652,34 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         ]
         for name, c in s["per_dataset"].items()
     ]
+    calls = [
+        [
+            r["method"] + (f" {r['action']}" if r["action"] else ""),
+            str(r["count"]),
+            str(r["errors"]),
+            f"{1000 * r['seconds'] / r['count']:.1f}",
+            _quantile_ms(r, 0.5),
+            _quantile_ms(r, 0.99),
+        ]
+        for r in s["requests"]
+    ]
     text = _table(["FIGURE", "VALUE"], lines)
+    if calls:
+        text += "\n\n" + _table(["CALL", "COUNT", "ERRORS", "MEAN MS", "P50 MS", "P99 MS"], calls)
     if per:
         text += "\n\n" + _table(
             ["DATASET", "HITS", "MISSES", "SERVED", "LOADED", "PERSISTED", "EVICTIONS", "LOAD S", "PERSIST S"], per
         )
     _emit(args, s, text)
     return 0
+
+
+def _quantile_ms(r: dict[str, Any], q: float) -> str:
+    """The histogram bucket bound that the ``q`` quantile of a call's durations falls under."""
+    for bound, n in r["buckets"]:
+        if n >= q * r["count"]:
+            return f"<= {1000 * bound:g}"
+    return f"> {1000 * r['buckets'][-1][0]:g}"
 
 
 def cmd_sql(client: Client, args: argparse.Namespace) -> int:
@@ -614,6 +727,7 @@ COMMANDS = {
     "unpin": cmd_pin,
     "evict": cmd_pin,
     "sql": cmd_sql,
+    "ping": cmd_ping,
 }
 
 

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .errors import InvalidRequestError, NotImplementedByServerError
+from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError
 from .filters import parse_filter
 from .protocol import (
     AbortRequest,
@@ -405,6 +406,23 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Server figures: memory used and limit, datasets, request counters."""
         return self._action("stats")
+
+    def healthcheck(self) -> dict[str, Any]:
+        """The server's health: status (ok or draining), version, uptime, memory, datasets, pending persists."""
+        return self._action("healthcheck")
+
+    def ping(self) -> dict[str, Any]:
+        """``healthcheck`` plus ``latency_s``; ServerUnavailableError if unreachable, too slow or draining."""
+        started = time.perf_counter()
+        try:
+            health = self.healthcheck()
+        except flight.FlightTimedOutError:
+            raise ServerUnavailableError(
+                f"the flightcache server at {self.uri} did not answer within {self.timeout} s"
+            ) from None
+        if health["status"] != "ok":
+            raise ServerUnavailableError(f"the flightcache server at {self.uri} is {health['status']}: shutting down")
+        return {**health, "latency_s": round(time.perf_counter() - started, 6)}
 
     # -- SQL -------------------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ ACTIONS: dict[str, str] = {
     "info": 'Describe a dataset: schema, rows, bytes, version, times. Body: {"name": NAME} or the bare name.',
     "list": "List every dataset with its info. Body: empty.",
     "stats": "Server figures: memory used and limit, dataset count, request counters. Body: empty.",
+    "healthcheck": "Health for orchestrators: status (ok or draining), version, uptime, memory used and limit, "
+    "datasets, pending persists. Answered while draining. Body: empty.",
     "commit": 'Publish the parts staged by do_put with {"txn": ID} as one version. '
     'Body: {"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all)}.',
     "abort": 'Discard the parts staged under a transaction. Body: {"txn": ID}.',

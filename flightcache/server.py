@@ -20,10 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
+from . import __version__
 from .auth import WRITE_ACTIONS, Auth, Limits, require_write, server_options
 from .cache import Cache
 from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
 from .filters import parse_filter
+from .metrics import HEALTHCHECK, MIDDLEWARE_KEY, Operations, draining_error, note
 from .protocol import (
     ACTIONS,
     AbortRequest,
@@ -40,7 +42,7 @@ from .protocol import (
 )
 from .sql import SqlLimits, SqlService
 from .storage import Storage
-from .store import Store, Version
+from .store import PERSIST_FAILED, Store, Version
 
 log = logging.getLogger("flightcache.server")
 
@@ -74,6 +76,7 @@ def _translated(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(self: FlightcacheServer, context: flight.ServerCallContext, *args: Any) -> Any:
+        note(context, peer=context.peer())
         try:
             return fn(self, context, *args)
         except Exception as e:
@@ -84,8 +87,7 @@ def _translated(fn: F) -> F:
 
 def _flight_error(where: str, e: Exception) -> flight.FlightError:
     if isinstance(e, FlightcacheError):
-        log.info("%s refused: %s", where, e)
-        return error_to_flight(e)
+        return error_to_flight(e)  # the request log line has its code and message
     if isinstance(e, flight.FlightError):
         return e
     log.error("%s failed", where, exc_info=e)
@@ -123,14 +125,20 @@ class FlightcacheServer(flight.FlightServerBase):
         if cache is None:
             cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
             cache.recover()
-        super().__init__(location, **server_options(auth), **kwargs)
+        sql = SqlService(cache, sql_limits)
+        # Request accounting, the request log and draining (flightcache.metrics) see every call: first,
+        # so calls that authentication refuses are counted and logged too.
+        self.ops = Operations({*ACTIONS, *(name for name, _ in sql.list_actions())})
+        security = server_options(auth)
+        middleware = {MIDDLEWARE_KEY: self.ops, **security.pop("middleware", {}), **kwargs.pop("middleware", {})}
+        super().__init__(location, middleware=middleware, **security, **kwargs)
         self.auth = auth
         self.limits = limits or Limits()
         cache.store.max_datasets = self.limits.max_datasets
         self.cache = cache
         self.store = cache.store
         self.endpoint_bytes = endpoint_bytes
-        self.sql: Service | None = SqlService(cache, sql_limits)  # SQL over cached datasets, routed below
+        self.sql: Service | None = sql  # SQL over cached datasets, routed below
         self.max_endpoints = max_endpoints
         self._counters_lock = threading.Lock()
         self._counters: dict[str, int] = {
@@ -146,6 +154,28 @@ class FlightcacheServer(flight.FlightServerBase):
         """Stop serving, then flush pending write-backs."""
         super().shutdown()
         self.cache.close(flush=True)
+
+    def drain(self, grace: float) -> dict[str, Any]:
+        """Refuse new calls, give the calls in flight ``grace`` seconds, flush write-backs, stop serving.
+
+        Calls still running after ``grace`` (a reader that stopped reading, say) are left running:
+        the Flight server would wait for them without bound, so it is stopped only when none are
+        left (``cut`` is 0); else the caller ends them by exiting the process.
+        """
+        started, before = time.monotonic(), self.cache.stats()
+        finished, cut = self.ops.drain(grace)
+        self.cache.close(flush=True)
+        if not cut:
+            super().shutdown()
+        after = self.cache.stats()
+        return {
+            "finished": finished,
+            "cut": cut,
+            "flushed": after["writebacks_done"] - before["writebacks_done"],
+            "flush_failed": after["writebacks_failed"] - before["writebacks_failed"],
+            "persist_failed": after["states"][PERSIST_FAILED],
+            "seconds": round(time.monotonic() - started, 3),
+        }
 
     def _count(self, **amounts: int) -> None:
         with self._counters_lock:
@@ -174,6 +204,7 @@ class FlightcacheServer(flight.FlightServerBase):
             return self.sql.get_flight_info(context, descriptor)
         name, command = descriptor_name(descriptor)
         request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
+        note(context, dataset=request.name)
         version = self.cache.get(request.name, request.version, count=True)
         # Fail now, not in do_get, on unknown columns or a filter that does not bind.
         self.store.check_read(version, columns=request.columns, filter=_filter(request))
@@ -204,6 +235,7 @@ class FlightcacheServer(flight.FlightServerBase):
         if self.sql is not None and self.sql.handles_ticket(ticket.ticket):
             return self.sql.do_get(context, ticket)
         t = Ticket.from_bytes(ticket.ticket)
+        note(context, dataset=t.name, version=t.version)
         version = self.cache.get(t.name, t.version)
         request = t.read_request()
         reader = self.store.scan(version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end))
@@ -211,6 +243,7 @@ class FlightcacheServer(flight.FlightServerBase):
             served = sum(b.nbytes for b in version.batches[t.start : t.end])
             self._count(gets=1, bytes_served=served)
             self.store.count(t.name, bytes_served=served)
+            note(context, rows=sum(b.num_rows for b in version.batches[t.start : t.end]), bytes=served)
         else:
             self._count(gets=1)
         return flight.RecordBatchStream(reader)
@@ -236,7 +269,7 @@ class FlightcacheServer(flight.FlightServerBase):
             options = PutOptions.from_bytes(meta.to_pybytes()) if meta is not None and meta.size else PutOptions()
         if options.name is not None and options.name != name:
             raise InvalidRequestError(f"put options name {options.name!r} differs from the descriptor's {name!r}")
-        started = time.perf_counter()
+        note(context, dataset=name, mode=options.mode, txn=options.txn)
         staged = self.store.begin_put(name, reader.schema, options.mode)
         rows = received = 0
         ended: EndOfStream | None = None
@@ -276,19 +309,12 @@ class FlightcacheServer(flight.FlightServerBase):
             self._count(puts_aborted=1)
             raise
         self._count(puts=1, bytes_received=staged.nbytes)
+        note(context, rows=rows, bytes=staged.nbytes)
         if options.txn is not None:
             staged_part = {"txn": options.txn, "part": part, "rows": rows, "bytes": staged.nbytes}
             writer.write(pa.py_buffer(json.dumps(staged_part).encode()))
             return
-        log.info(
-            "put %s v%d (%s): %d rows, %d bytes in %.3fs",
-            name,
-            version.number,
-            options.mode,
-            version.num_rows,
-            version.nbytes,
-            time.perf_counter() - started,
-        )
+        note(context, version=version.number)
         result = {"name": name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
         writer.write(pa.py_buffer(json.dumps(result).encode()))
 
@@ -301,16 +327,24 @@ class FlightcacheServer(flight.FlightServerBase):
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
+        note(context, action=kind)
+        if self.ops.draining and kind != HEALTHCHECK:
+            raise draining_error()
         self.limits.check_action(kind, body)
         if kind in WRITE_ACTIONS:
             require_write(context, f"action {kind!r}")
         if self.sql is not None and self.sql.handles_action(kind):
             return list(self.sql.do_action(context, action))
-        if kind == "drop":
-            result: Any = self.cache.drop(action_name(body, kind))
-            log.info("dropped %s (version %d, %d bytes)", result["name"], result["version"], result["bytes"])
+        if kind in (HEALTHCHECK, "stats"):
+            result: Any = self.health() if kind == HEALTHCHECK else self.stats()
+            result["in_flight"] -= 1  # not this call
+        elif kind == "drop":
+            result = self.cache.drop(action_name(body, kind))
+            note(context, version=result["version"], bytes=result["bytes"])
         elif kind == "load":
-            return self._load(LoadRequest.from_bytes(body))
+            load = LoadRequest.from_bytes(body)
+            note(context, dataset=load.name, uri=load.uri)
+            return self._load(load)
         elif kind == "persist":
             p = PersistRequest.from_bytes(body)
             result = self.cache.persist(p.name, wait=p.wait)
@@ -326,14 +360,12 @@ class FlightcacheServer(flight.FlightServerBase):
             result = self.store.info(action_name(body, kind)).to_dict()
         elif kind == "list":
             result = [i.to_dict() for i in self.store.list()]
-        elif kind == "stats":
-            result = self.stats()
         elif kind == "commit":
             c = CommitRequest.from_bytes(body)
             version = self.cache.commit(
                 c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema(), persist=c.persist, ttl=c.ttl
             )
-            log.info("committed %s v%d from transaction %s", version.name, version.number, c.txn)
+            note(context, version=version.number, txn=c.txn)
             result = {
                 "name": version.name,
                 "version": version.number,
@@ -345,6 +377,8 @@ class FlightcacheServer(flight.FlightServerBase):
             result = {"txn": a.txn, "parts_discarded": self.store.abort(a.txn)}
         else:
             raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
+        if isinstance(result, dict) and isinstance(result.get("name"), str):
+            note(context, dataset=result["name"])
         return [json.dumps(result).encode()]
 
     def _load(self, request: LoadRequest) -> Iterator[bytes]:
@@ -382,7 +416,29 @@ class FlightcacheServer(flight.FlightServerBase):
     def stats(self) -> dict[str, Any]:
         with self._counters_lock:
             counters = dict(self._counters)
-        return {**self.cache.stats(), **counters, "uptime_s": round(time.time() - self.started, 3)}
+        return {
+            **self.cache.stats(),
+            **counters,
+            "uptime_s": round(time.time() - self.started, 3),
+            "in_flight": self.ops.in_flight,
+            "draining": self.ops.draining,
+            "requests": self.ops.requests.snapshot(),
+        }
+
+    def health(self) -> dict[str, Any]:
+        """What an orchestrator's health check needs (the healthcheck action, answered while draining)."""
+        s = self.cache.stats()
+        return {
+            "status": "draining" if self.ops.draining else "ok",
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 3),
+            "memory_used": s["memory_used"],
+            "memory_limit": s["memory_limit"],
+            "datasets": s["datasets"],
+            "pending_persists": s["pending_persists"],
+            "in_flight": self.ops.in_flight,
+            "draining": self.ops.draining,
+        }
 
 
 def _next_chunk(reader: flight.MetadataRecordBatchReader) -> flight.FlightStreamChunk | None:

@@ -264,6 +264,7 @@ class Store:
         self._next_version: dict[str, int] = {}
         self._txns: dict[str, _Txn] = {}
         self._aborted: dict[str, float] = {}  # txn -> until when late parts are refused
+        self._dropped_counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)  # totals never go down
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -688,6 +689,8 @@ class Store:
             if entry.current is not None:
                 self._release(entry.current)
             self._release_retained_of(name)
+            for key, n in entry.counters.items():
+                self._dropped_counters[key] += n
             return info
 
     def _release_retained_of(self, name: str) -> None:
@@ -716,6 +719,12 @@ class Store:
                 "retained_versions": len(self._retained),
                 "open_transactions": len(self._txns),
             }
+
+    def counter_totals(self) -> dict[str, float]:
+        """Each counter summed over every dataset there has been, dropped ones included."""
+        with self._lock:
+            live = [e.counters for e in self._entries.values()]
+            return {k: n + sum(c[k] for c in live) for k, n in self._dropped_counters.items()}
 
     @property
     def memory_used(self) -> int:

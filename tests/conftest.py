@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -176,11 +177,18 @@ def every_type_table() -> pa.Table:
     )
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(*args: str, stderr: Any = None) -> tuple[subprocess.Popen[str], str]:
     """A real ``flightcache serve --port 0`` process (extra flags in ``args``) and its URI."""
+    proc, ready = start_server_ready(*args, stderr=stderr)
+    return proc, ready["uri"]
+
+
+def start_server_ready(*args: str, stderr: Any = None) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """Like ``start_server``, with the whole start-up message (uri, pid, metrics, ...)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", *args],
         stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
     assert proc.stdout is not None
@@ -189,7 +197,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
         line = proc.stdout.readline()
         assert line, f"flightcache serve exited with status {proc.wait()} before it was ready"
         lines.append(line)
-    return proc, json.loads("".join(lines))["uri"]
+    return proc, json.loads("".join(lines))
 
 
 def stop_server(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
