@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks: machine facts, RSS, statistics, JSON output."""
+"""Small helpers shared by the benchmarks: machine facts, RSS, statistics, JSON output, the S3 shaping proxy."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,29 @@ def median(values: list[float]) -> float:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def start_proxy(upstream_port: int, latency_ms: float, bandwidth_mbps: float, jitter: float, stack: ExitStack) -> str:
+    """Start bench/shaping.py in front of 127.0.0.1:``upstream_port``; its URL. Stopped when ``stack`` closes."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "shaping.py"),
+            "--upstream",
+            f"127.0.0.1:{upstream_port}",
+            "--latency-ms",
+            str(latency_ms),
+            "--bandwidth-mbps",
+            str(bandwidth_mbps),
+            "--jitter",
+            str(jitter),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stack.callback(proc.wait)
+    stack.callback(proc.terminate)
+    assert proc.stdout is not None
+    port = json.loads(proc.stdout.readline())["port"]
+    proc.stdout.close()
+    return f"http://127.0.0.1:{port}"

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "pipelines")]
 
 import logs  # noqa: E402
-from _common import machine_info, progress, write_json  # noqa: E402
+from _common import machine_info, progress, start_proxy, write_json  # noqa: E402
 from common import flightcache_server, moto_s3  # noqa: E402
 
 MODES = ("s3-cloud", "s3-local", "local", "flightcache", "flightcache-async")
@@ -52,31 +51,6 @@ def _hwm(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def start_proxy(upstream_port: int, latency_ms: float, bandwidth_mbps: float, jitter: float, stack: ExitStack) -> str:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "shaping.py"),
-            "--upstream",
-            f"127.0.0.1:{upstream_port}",
-            "--latency-ms",
-            str(latency_ms),
-            "--bandwidth-mbps",
-            str(bandwidth_mbps),
-            "--jitter",
-            str(jitter),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    stack.callback(proc.wait)
-    stack.callback(proc.terminate)
-    assert proc.stdout is not None
-    port = json.loads(proc.stdout.readline())["port"]
-    proc.stdout.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def run_once(mode: str, args: argparse.Namespace, env: dict[str, str], work: Path, report: Path) -> dict[str, Any]:

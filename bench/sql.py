@@ -7,8 +7,11 @@ Every path runs the same SQL text and returns a pyarrow Table in this process:
   datasets, the result streamed back over Flight;
 * ``attach``: a local DuckDB over the server's datasets through ``flightcache.duck.attach`` (each scan pulls
   the columns it needs, filtered on the server);
-* ``s3``: a local DuckDB over ``pyarrow.dataset`` on the Parquet files in moto S3 (DuckDB's httpfs extension
-  cannot be downloaded here; DuckDB pushes projection and filters into the pyarrow scanner);
+* ``s3-cloud``: a local DuckDB over ``pyarrow.dataset`` on the Parquet files in moto S3 behind
+  ``bench/shaping.py``, which gives each request S3's first-byte latency and each connection S3's bandwidth
+  (the pipeline benchmark's "cloud"; DuckDB's httpfs extension cannot be downloaded here, and DuckDB pushes
+  projection and filters into the pyarrow scanner);
+* ``s3``: the same on moto directly (loopback, no latency: the most optimistic S3);
 * ``parquet``: a local DuckDB over the same Parquet files on local disk (``read_parquet``);
 * ``arrow``: a local DuckDB over the same data as an in-process Arrow table.
 
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +47,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 try:
-    from ._common import machine_info, median, progress, sources_digest, write_json
+    from ._common import machine_info, median, progress, sources_digest, start_proxy, write_json
 except ImportError:  # run as a script: bench/ is on sys.path
-    from _common import machine_info, median, progress, sources_digest, write_json
+    from _common import machine_info, median, progress, sources_digest, start_proxy, write_json
 
 import flightcache
 from flightcache.duck import attach
@@ -88,11 +92,19 @@ QUERIES: dict[str, tuple[str, str]] = {
 PATHS: dict[str, str] = {
     "server": "flightcache client.sql (DuckDB in the server, over the cache)",
     "attach": "local DuckDB over the server via flightcache.duck.attach",
-    "s3": "local DuckDB over pyarrow.dataset on moto S3 Parquet",
+    "s3-cloud": "local DuckDB over pyarrow.dataset on moto S3 Parquet shaped like cloud S3",
+    "s3": "local DuckDB over pyarrow.dataset on moto S3 Parquet (loopback, unshaped)",
     "parquet": "local DuckDB over local Parquet (read_parquet)",
     "arrow": "local DuckDB over an in-process Arrow table",
 }
-COLORS = {"server": "#2ca02c", "attach": "#98df8a", "s3": "#d62728", "parquet": "#1f77b4", "arrow": "#7f7f7f"}
+COLORS = {
+    "server": "#2ca02c",
+    "attach": "#98df8a",
+    "s3-cloud": "#8c1c13",
+    "s3": "#d62728",
+    "parquet": "#1f77b4",
+    "arrow": "#7f7f7f",
+}
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -211,15 +223,24 @@ def s3_filesystem(endpoint: str) -> pafs.S3FileSystem:
 # -- the run ---------------------------------------------------------------------------------------
 
 
+def on_s3(s3: pafs.S3FileSystem) -> Callable[[str], pa.Table]:
+    con = duckdb.connect()
+    con.register("bench/logs", ds.dataset(f"{BUCKET}/parquet/logs", filesystem=s3, format="parquet"))
+    con.register("bench/users", ds.dataset(f"{BUCKET}/parquet/users.parquet", filesystem=s3, format="parquet"))
+    return lambda q: con.sql(q).to_arrow_table()
+
+
 def connections(
-    client: flightcache.Client, s3: pafs.S3FileSystem, local_root: Path, logs: pa.Table, users: pa.Table
+    client: flightcache.Client,
+    s3: pafs.S3FileSystem,
+    cloud: pafs.S3FileSystem,
+    local_root: Path,
+    logs: pa.Table,
+    users: pa.Table,
 ) -> dict[str, Callable[[str], pa.Table]]:
     """Each path as a function from SQL text to a pyarrow Table."""
     attached = duckdb.connect()
     attach(attached, client)
-    on_s3 = duckdb.connect()
-    on_s3.register("bench/logs", ds.dataset(f"{BUCKET}/parquet/logs", filesystem=s3, format="parquet"))
-    on_s3.register("bench/users", ds.dataset(f"{BUCKET}/parquet/users.parquet", filesystem=s3, format="parquet"))
     on_disk = duckdb.connect()
     on_disk.execute(f"CREATE VIEW \"bench/logs\" AS SELECT * FROM read_parquet('{local_root}/logs/*.parquet')")
     on_disk.execute(f"CREATE VIEW \"bench/users\" AS SELECT * FROM read_parquet('{local_root}/users.parquet')")
@@ -229,7 +250,8 @@ def connections(
     return {
         "server": client.sql,
         "attach": lambda q: attached.sql(q).to_arrow_table(),
-        "s3": lambda q: on_s3.sql(q).to_arrow_table(),
+        "s3-cloud": on_s3(cloud),
+        "s3": on_s3(s3),
         "parquet": lambda q: on_disk.sql(q).to_arrow_table(),
         "arrow": lambda q: in_process.sql(q).to_arrow_table(),
     }
@@ -246,22 +268,25 @@ def check_same(query: str, results: dict[str, pa.Table]) -> int:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    moto = server = None
-    try:
+    with ExitStack() as stack:
         progress(f"generating {args.rows:,} rows of web logs")
         logs, users = make_tables(args.rows)
-        progress("starting moto S3 and the flightcache server, each in its own process")
+        progress("starting moto S3, its shaping proxy and the flightcache server, each in its own process")
         moto, endpoint = start_moto(workdir / "moto.log")
+        stack.callback(stop, moto)
         server, uri = start_server(args.memory_limit)
+        stack.callback(stop, server)
+        port = int(endpoint.rsplit(":", 1)[1])
+        cloud = s3_filesystem(start_proxy(port, args.latency_ms, args.bandwidth_mbps, args.jitter, stack))
         s3 = s3_filesystem(endpoint)
         s3.create_dir(BUCKET)
         write_parquet(s3, f"{BUCKET}/parquet", logs, users)
         write_parquet(pafs.LocalFileSystem(), str(workdir / "parquet"), logs, users)
         parquet_bytes = sum(p.stat().st_size for p in (workdir / "parquet").rglob("*.parquet"))
-        client = flightcache.connect(uri)
+        client = stack.enter_context(flightcache.connect(uri))
         client.put("bench/logs", logs)
         client.put("bench/users", users)
-        paths = connections(client, s3, workdir / "parquet", logs, users)
+        paths = connections(client, s3, cloud, workdir / "parquet", logs, users)
         progress(f"{logs.nbytes / MiB:.0f} MiB Arrow, {parquet_bytes / MiB:.0f} MiB Parquet; checking results")
         result_rows = {}
         for name, (_, sql) in QUERIES.items():
@@ -279,11 +304,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 f"rep {rep + 1}/{args.reps}: "
                 + ", ".join(f"{q} {median(s['server']) * 1e3:.0f} ms" for q, s in samples.items())
             )
-        client.close()
-    finally:
-        stop(server)
-        stop(moto)
-    return summarize(args, samples, result_rows, logs, parquet_bytes)
+    result = summarize(args, samples, result_rows, logs, parquet_bytes)
+    result["shaping"] = {
+        "latency_ms": args.latency_ms,
+        "bandwidth_mbps_per_connection": args.bandwidth_mbps,
+        "jitter_lognormal_sigma": args.jitter,
+    }
+    return result
 
 
 def summarize(
@@ -303,14 +330,17 @@ def summarize(
             "median_ms": {p: round(v * 1e3, 2) for p, v in med.items()},
             "min_ms": {p: round(min(s) * 1e3, 2) for p, s in samples[name].items()},
             "samples_ms": {p: [round(v * 1e3, 2) for v in s] for p, s in samples[name].items()},
+            "s3_cloud_over_server": round(med["s3-cloud"] / med["server"], 2),
             "s3_over_server": round(med["s3"] / med["server"], 2),
             "parquet_over_server": round(med["parquet"] / med["server"], 2),
             "arrow_over_server": round(med["arrow"] / med["server"], 2),
             "attach_over_server": round(med["attach"] / med["server"], 2),
             # What DuckDB over the same Arrow data reaches in-process, with no server: the ceiling for the ratios.
+            "s3_cloud_over_arrow": round(med["s3-cloud"] / med["arrow"], 2),
             "s3_over_arrow": round(med["s3"] / med["arrow"], 2),
             "parquet_over_arrow": round(med["parquet"] / med["arrow"], 2),
         }
+    worst_cloud = min(q["s3_cloud_over_server"] for q in queries.values())
     worst_s3 = min(q["s3_over_server"] for q in queries.values())
     worst_parquet = min(q["parquet_over_server"] for q in queries.values())
     return {
@@ -324,7 +354,13 @@ def summarize(
         "paths": PATHS,
         "queries": queries,
         "targets": {
-            "server_at_least_5x_faster_than_s3": {"worst_ratio": worst_s3, "met": worst_s3 >= 5},
+            # Judged against S3 shaped like the cloud (the developers' guide: comparisons with "the cloud" shape
+            # moto to published S3 figures); the unshaped moto ratio is reported beside it.
+            "server_at_least_5x_faster_than_s3": {
+                "worst_ratio": worst_cloud,
+                "worst_ratio_unshaped_moto": worst_s3,
+                "met": worst_cloud >= 5,
+            },
             "server_no_slower_than_local_parquet": {"worst_ratio": worst_parquet, "met": worst_parquet >= 1},
         },
         "notes": [
@@ -334,7 +370,8 @@ def summarize(
             "the most a server running DuckDB over Arrow could reach.",
             "All DuckDB instances use their default thread count (one per core); the flightcache server, moto and "
             "this process share the same cores.",
-            "moto serves S3 over loopback HTTP with no added latency or bandwidth cap: real S3 is slower per request.",
+            "s3-cloud reaches moto through bench/shaping.py (first-byte latency per request, bandwidth per connection, "
+            "log-normal jitter; see shaping); s3 is moto on loopback with neither, faster than any real S3.",
         ],
     }
 
@@ -368,7 +405,8 @@ def print_summary(results: dict[str, Any]) -> None:
         cells = ", ".join(f"{p} {v:.1f} ms" for p, v in q["median_ms"].items())
         print(f"{name:12s} {cells}")
         print(
-            f"{'':12s} s3/server {q['s3_over_server']}x, parquet/server {q['parquet_over_server']}x, "
+            f"{'':12s} s3-cloud/server {q['s3_cloud_over_server']}x, s3/server {q['s3_over_server']}x, "
+            f"parquet/server {q['parquet_over_server']}x, "
             f"arrow/server {q['arrow_over_server']}x"
         )
     for target, t in results["targets"].items():
@@ -382,6 +420,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="timed repetitions, interleaved (default: 9; 2 with --quick)")
     parser.add_argument("--memory-limit", default="4GiB", help="the server's --memory-limit (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="where sql.json and sql.png go (default: bench_results/)")
+    parser.add_argument(
+        "--latency-ms", type=float, default=100.0, help="s3-cloud first-byte latency per request (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--bandwidth-mbps", type=float, default=90.0, help="s3-cloud MB/s per connection (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--jitter", type=float, default=0.5, help="s3-cloud log-normal latency sigma (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     args.rows = args.rows or (400_000 if args.quick else 8_000_000)
     args.reps = args.reps or (2 if args.quick else 9)
