@@ -75,11 +75,13 @@ class _Message:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Any:
         obj = _decode(raw, cls._what)
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(obj) - known)
+        defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(obj) - set(defaults))
         if unknown:
-            raise InvalidRequestError(f"{cls._what} has unknown field(s) {unknown}; known: {sorted(known)}")
+            raise InvalidRequestError(f"{cls._what} has unknown field(s) {unknown}; known: {sorted(defaults)}")
         for key, value in obj.items():
+            if value is None and defaults[key] is not None:  # only optional fields may be null
+                raise InvalidRequestError(f"{cls._what} field {key!r} must not be null")
             if value is not None and not _has_type(value, cls._types[key]):
                 raise InvalidRequestError(f"{cls._what} field {key!r} has the wrong type: {value!r}")
         for key in ("columns", "parts"):

@@ -39,7 +39,7 @@ from .protocol import (
 )
 from .sql import SqlLimits, SqlService
 from .storage import Storage
-from .store import Store, Version
+from .store import Store, Version, batch_nbytes
 
 log = logging.getLogger("flightcache.server")
 
@@ -200,7 +200,7 @@ class FlightcacheServer(flight.FlightServerBase):
         request = t.read_request()
         reader = self.store.scan(version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end))
         if request.filter is None and request.filter_substrait is None:
-            served = sum(b.nbytes for b in version.batches[t.start : t.end])
+            served = sum(batch_nbytes(b) for b in version.batches[t.start : t.end])
             self._count(gets=1, bytes_served=served)
             self.store.count(t.name, bytes_served=served)
         else:

@@ -39,6 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import StorageError
+from .store import batch_nbytes
 
 log = logging.getLogger("flightcache.storage")
 
@@ -167,7 +168,7 @@ class Storage:
             path = f"{directory}/part-{i:05d}.parquet"
             self._put_object(path, data)
             if progress is not None:
-                progress(table.nbytes)
+                progress(sum(batch_nbytes(b) for b in groups[i]))
             return {
                 "path": f"part-{i:05d}.parquet",
                 "rows": table.num_rows,
@@ -181,7 +182,7 @@ class Storage:
             version,
             schema,
             sum(f["rows"] for f in files),
-            sum(b.nbytes for b in batches),
+            sum(batch_nbytes(b) for b in batches),
             tuple(files),
             time.time(),
         )
@@ -353,11 +354,11 @@ def _split(batches: Sequence[pa.RecordBatch], part_bytes: int) -> list[list[pa.R
     groups: list[list[pa.RecordBatch]] = [[]]
     size = 0
     for batch in batches:
-        if groups[-1] and size + batch.nbytes > part_bytes:
+        if groups[-1] and size + batch_nbytes(batch) > part_bytes:
             groups.append([])
             size = 0
         groups[-1].append(batch)
-        size += batch.nbytes
+        size += batch_nbytes(batch)
     return groups if groups[0] else []
 
 
