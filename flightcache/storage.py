@@ -303,6 +303,12 @@ class Storage:
         with_manifest = {i.path.rsplit("/", 1)[0] for i in infos if i.base_name == MANIFEST}
         return sorted(dirs - with_manifest)
 
+    def version_of(self, path: str) -> tuple[str, int]:
+        """(dataset name, version) of a version directory under the root."""
+        relative = path[len(self.root) :].strip("/") if path.startswith(self.root) else path.strip("/")
+        name, _, directory = relative.rpartition("/")
+        return name, int(directory[1:])
+
     def remove(self, path: str) -> None:
         self._retry(f"remove {self.describe(path)}", lambda: self.fs.delete_dir(path))
 
