@@ -8,16 +8,20 @@ or positions disagree with what its rows say.
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import start_server, stop_server
+from conftest import ROOT, start_server, stop_server
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, SchemaMismatchError
@@ -148,3 +152,21 @@ def _settled(client: flightcache.Client, timeout: float = 30) -> dict:
         assert time.monotonic() < deadline, f"replaced versions still retained after {timeout} s: {stats}"
         time.sleep(0.1)
     return stats
+
+
+def test_load_benchmark_quick(tmp_path: Path) -> None:
+    """bench/load.py --quick runs every cell (gets and puts at 1, 4 and 16 client processes) without an error
+    and writes the JSON the README table is made from."""
+    script = str(ROOT / "bench" / "load.py")
+    assert "--quick" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True).stdout
+    run = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "load.json").read_text())
+    for op in ("get", "put"):
+        assert set(result["results"][op]) == {"1", "4", "16"}
+        for cell in result["results"][op].values():
+            assert cell["ops"] > 0 and cell["errors"] == 0 and 0 < cell["p50_ms"] <= cell["p99_ms"]
+    assert result["targets"]["no_errors_under_load"]["met"] is True
+    assert "2 cores" in " ".join(result["notes"])
