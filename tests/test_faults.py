@@ -205,6 +205,32 @@ def test_s3_down_during_persists_fails_cleanly(
 # -- the server killed with kill -9 during write-backs -----------------------------------------------------
 
 
+@pytest.mark.s3
+def test_recovery_reports_unfinished_versions(storage_uri: str) -> None:
+    """At start, versions written in part (no manifest) newer than the committed one are reported and removed;
+    a half-removed older version is cleaned silently; the committed version is served whole."""
+    table = table_of(1000)
+    storage = Storage(storage_uri)
+    storage.write_version("r/kept", 1, table.schema, table.to_batches())
+    storage.write_version("r/kept", 2, table.schema, table.to_batches())
+    for unfinished in ("r/kept/v1", "r/kept/v3", "r/gone/v1"):  # v1: an old version whose removal was cut short
+        storage.fs.create_dir(f"{storage.root}/{unfinished}")
+        with storage.fs.open_output_stream(f"{storage.root}/{unfinished}/part-00000.parquet") as out:
+            out.write(b"PAR1 torn")
+    srv = FlightcacheServer("grpc://127.0.0.1:0", storage=Storage(storage_uri))
+    try:
+        client = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
+        lost = client.stats()["recovery"]["incomplete_versions"]
+        assert sorted((v["name"], v["version"]) for v in lost) == [("r/gone", 1), ("r/kept", 3)]
+        assert [(d["name"], d["version"]) for d in client.list()] == [("r/kept", 2)]
+        assert client.get("r/kept").equals(table)
+        with pytest.raises(DatasetNotFoundError):
+            client.info("r/gone")
+        assert storage.orphans() == []
+    finally:
+        srv.shutdown()
+
+
 @pytest.fixture
 def slow_s3(moto_s3: MotoS3) -> Iterator[str]:
     """The shaping proxy in front of moto at 1 MB/s per connection: a write-back of a few MB takes seconds."""
