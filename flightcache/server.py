@@ -198,7 +198,10 @@ class FlightcacheServer(flight.FlightServerBase):
         t = Ticket.from_bytes(ticket.ticket)
         version = self.cache.get(t.name, t.version)
         request = t.read_request()
-        reader = self.store.scan(version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end))
+        expression = _filter(request)
+        if expression is not None:  # a ticket is client bytes: fail here, not mid-stream, if the filter is wrong
+            self.store.check_read(version, columns=t.columns, filter=expression)
+        reader = self.store.scan(version, columns=t.columns, filter=expression, batch_range=(t.start, t.end))
         if request.filter is None and request.filter_substrait is None:
             served = sum(batch_nbytes(b) for b in version.batches[t.start : t.end])
             self._count(gets=1, bytes_served=served)

@@ -230,6 +230,7 @@ tickets = st.one_of(
 @settings(FUZZ, max_examples=300)
 @given(raw=tickets)
 @example(raw=b'{"v":1,"name":"fuzz/sentinel","version":1,"start":null,"end":1}')  # found: null required field
+@example(raw=b'{"v":1,"name":"fuzz/sentinel","version":1,"start":0,"end":1,"filter":"status"}')  # found: uncoded
 def test_fuzz_tickets(fuzzed: Fuzzed, raw: bytes) -> None:
     """Arbitrary and mutated tickets to do_get: a clean refusal (or a read), and the server keeps serving."""
     fuzzed.check(lambda: fuzzed.client.do_get(flight.Ticket(raw), CALL).read_all())
