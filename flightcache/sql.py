@@ -296,6 +296,7 @@ class Query:
         for name in sorted(names):
             version = self.engine._dataset(name, self.count)
             if version is not None:
+                _check_readable(version)
                 self._con.register(version.name, version.table())
                 self._versions.append(version)
 
@@ -438,6 +439,23 @@ def _plain_type(t: pa.DataType) -> pa.DataType:
     if pa.types.is_map(t):
         return pa.map_(_plain_type(t.key_type), t.item_field.with_type(_plain_type(t.item_type)), t.keys_sorted)
     return t
+
+
+def _check_readable(version: Version) -> None:
+    """Refuse a dataset DuckDB would crash reading (the whole server with it): run-end encoded values that
+    are run-end encoded again (DuckDB 2.0, found by fuzzing)."""
+
+    def doubly_encoded(t: pa.DataType) -> bool:
+        if pa.types.is_run_end_encoded(t) and pa.types.is_run_end_encoded(t.value_type):
+            return True
+        return any(doubly_encoded(t.field(i).type) for i in range(t.num_fields))
+
+    for f in version.schema:
+        if doubly_encoded(f.type):
+            raise NotImplementedByServerError(
+                f"SQL cannot read column {f.name!r} of dataset {version.name!r}: run-end encoded values that are "
+                "run-end encoded again; read the dataset with get, or decode the column before putting it"
+            )
 
 
 def _plain_schema(schema: pa.Schema) -> pa.Schema:

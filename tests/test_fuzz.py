@@ -462,6 +462,15 @@ def _null_batch(schema: pa.Schema, rows: int) -> pa.RecordBatch | None:
     options=None,
     by_command=False,
 )
+# found: DuckDB killed the server (SIGSEGV) reading run-end encoded values that are run-end encoded again
+@example(
+    name="fuzz/e",
+    schema=pa.schema([("a", pa.run_end_encoded(pa.int32(), pa.run_end_encoded(pa.int32(), pa.int8())))]),
+    rows=3,
+    batches=1,
+    options=None,
+    by_command=False,
+)
 def test_fuzz_puts(
     fuzzed: Fuzzed, name: str, schema: pa.Schema, rows: int, batches: int, options: bytes | None, by_command: bool
 ) -> None:
