@@ -10,7 +10,9 @@ reads a known dataset back intact.
 from __future__ import annotations
 
 import base64
+import decimal
 import json
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,12 +426,60 @@ put_fields: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
-def _null_batch(schema: pa.Schema, rows: int) -> pa.RecordBatch | None:
-    """``rows`` rows of nulls of ``schema``; None where pyarrow cannot make valid nulls of a type (a list
-    view of run-end encoded values, say): then the put sends the schema alone."""
+def _value(t: pa.DataType, rnd: random.Random) -> Any:
+    """A random Python value of type ``t`` (None sometimes); pyarrow turns it into an array element."""
+    if rnd.random() < 0.2 or pa.types.is_null(t):
+        return None
+    if pa.types.is_boolean(t):
+        return rnd.random() < 0.5
+    if pa.types.is_integer(t):
+        bits = t.bit_width - pa.types.is_signed_integer(t)
+        low = -(2**bits) if pa.types.is_signed_integer(t) else 0
+        return rnd.choice([low, 0, 1, 2**bits - 1, rnd.randint(low, 2**bits - 1)])
+    if pa.types.is_floating(t):
+        return rnd.choice([0.0, -0.0, 1.5, float("inf"), float("-inf"), float("nan"), rnd.uniform(-1e6, 1e6)])
+    if pa.types.is_decimal(t):
+        return decimal.Decimal(rnd.randint(-(10**t.precision) + 1, 10**t.precision - 1)).scaleb(-t.scale)
+    if pa.types.is_fixed_size_binary(t):
+        return rnd.randbytes(t.byte_width)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return rnd.randbytes(rnd.randint(0, 20))
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "".join(rnd.choice("aZ é'\"\\\x00\U0001f600") for _ in range(rnd.randint(0, 12)))
+    if pa.types.is_interval(t):
+        return (rnd.randint(-100, 100), rnd.randint(-100, 100), rnd.randint(-(10**12), 10**12))
+    if pa.types.is_temporal(t):
+        return rnd.randint(0, 86_399)  # valid for every unit of dates, times, timestamps and durations
+    if pa.types.is_dictionary(t):
+        return _value(t.value_type, rnd)
+    if pa.types.is_fixed_size_list(t):
+        return [_value(t.value_type, rnd) for _ in range(t.list_size)]
+    if pa.types.is_map(t):
+        return [(k, _value(t.item_type, rnd)) for k in {_value(t.key_type, rnd) for _ in range(3)} - {None}]
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return [_value(t.value_type, rnd) for _ in range(rnd.randint(0, 3))]
+    if pa.types.is_struct(t):
+        return {t.field(i).name: _value(t.field(i).type, rnd) for i in range(t.num_fields)}
+    raise TypeError(f"no Python values for {t}")  # unions, run-end encoded: nulls instead
+
+
+def _batch(schema: pa.Schema, rows: int, seed: int | None) -> pa.RecordBatch | None:
+    """``rows`` rows of ``schema``: random values from ``seed`` where pyarrow can build them from Python
+    values, else nulls, else no rows; None where pyarrow cannot make even that (then the put sends the
+    schema alone)."""
+    rnd = random.Random(seed)
+
+    def column(t: pa.DataType, n: int) -> pa.Array:
+        if seed is not None:
+            try:
+                return pa.array([_value(t, rnd) for _ in range(n)], t)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                pass
+        return pa.nulls(n, t)
+
     for n in (rows, 0):
         try:
-            return pa.RecordBatch.from_arrays([pa.nulls(n, f.type) for f in schema], schema=schema)
+            return pa.RecordBatch.from_arrays([column(f.type, n) for f in schema], schema=schema)
         except pa.ArrowInvalid:
             continue
     return None
@@ -439,48 +489,64 @@ def _null_batch(schema: pa.Schema, rows: int) -> pa.RecordBatch | None:
 @given(
     name=names.filter(lambda n: n != SENTINEL),
     schema=schemas,
-    rows=st.sampled_from([0, 1, 3, 70_000]),
+    rows=st.sampled_from([0, 1, 3, 20, 70_000]),
+    seed=st.none() | st.integers(0, 2**16),
     batches=st.integers(0, 3),
     options=st.none() | _mutated({}, put_fields),
     by_command=st.booleans(),
+    where=st.none() | filters,
 )
 # found: nbytes of an empty sparse union from IPC killed the server (SIGSEGV) in do_get
 @example(
     name="fuzz/u",
     schema=pa.schema([("a", pa.list_(pa.sparse_union([pa.field("u0", pa.int8())])))]),
     rows=3,
+    seed=None,
     batches=1,
     options=None,
     by_command=False,
+    where=None,
 )
 # found: the filter check could not make a row of nulls of this type (INTERNAL)
 @example(
     name="fuzz/r",
     schema=pa.schema([pa.field("a", pa.list_(pa.run_end_encoded(pa.int32(), pa.null())))]),
     rows=0,
+    seed=None,
     batches=0,
     options=None,
     by_command=False,
+    where=None,
 )
 # found: DuckDB killed the server (SIGSEGV) reading run-end encoded values that are run-end encoded again
 @example(
     name="fuzz/e",
     schema=pa.schema([("a", pa.run_end_encoded(pa.int32(), pa.run_end_encoded(pa.int32(), pa.int8())))]),
     rows=3,
+    seed=None,
     batches=1,
     options=None,
     by_command=False,
+    where=None,
 )
 def test_fuzz_puts(
-    fuzzed: Fuzzed, name: str, schema: pa.Schema, rows: int, batches: int, options: bytes | None, by_command: bool
+    fuzzed: Fuzzed,
+    name: str,
+    schema: pa.Schema,
+    rows: int,
+    seed: int | None,
+    batches: int,
+    options: bytes | None,
+    by_command: bool,
+    where: str | None,
 ) -> None:
-    """do_put of random schemas (nested, unions, views, dictionaries, duplicate names), names and options:
-    refused cleanly, or stored; then read back, filtered, queried with SQL and persisted, each served or
-    refused cleanly."""
+    """do_put of random schemas (nested, unions, views, dictionaries, duplicate names) holding random values
+    or nulls, with random names and options: refused cleanly, or stored; then read back, filtered, queried
+    with SQL and persisted, each served or refused cleanly."""
     client = fuzzed.client
     if options is not None:
         options = options.replace(b"sentinel", b"other")  # a put by command names its dataset in the options
-    batch = _null_batch(schema, rows)
+    batch = _batch(schema, rows, seed if rows <= 20 else None)  # random values for small batches
     if by_command:
         descriptor = flight.FlightDescriptor.for_command(options or PutOptions(name=name).to_bytes())
     else:
@@ -514,7 +580,7 @@ def test_fuzz_puts(
 
     if len(schema):
         first = schema.field(0).name
-        filtered = ReadRequest(stored, [first], filter=f"col({first!r}) is not None")
+        filtered = ReadRequest(stored, [first], filter=where or f"col({first!r}) is not None")
         fuzzed.check(lambda: read(flight.FlightDescriptor.for_command(filtered.to_bytes())))
     query = fsql.SqlRequest(f'SELECT * FROM "{stored}"').to_command()
     fuzzed.check(lambda: read(flight.FlightDescriptor.for_command(query)))
