@@ -265,14 +265,25 @@ descriptors = st.one_of(
 @settings(FUZZ, max_examples=250)
 @given(descriptor=descriptors)
 def test_fuzz_descriptors(fuzzed: Fuzzed, descriptor: flight.FlightDescriptor) -> None:
-    """Arbitrary path and command descriptors to get_flight_info, then reading every endpoint it answers."""
+    """Arbitrary path and command descriptors to get_flight_info, then reading every endpoint it answers; and
+    to do_put (of the sentinel's own rows: a put that lands on the sentinel leaves it as it was)."""
 
     def read() -> None:
         info = fuzzed.client.get_flight_info(descriptor, CALL)
         for endpoint in info.endpoints:
             fuzzed.client.do_get(endpoint.ticket, CALL).read_all()
 
+    def put() -> None:
+        writer, reader = fuzzed.client.do_put(descriptor, fuzzed.sentinel.schema, CALL)
+        try:
+            writer.write_table(fuzzed.sentinel)
+            writer.done_writing()
+            reader.read()
+        finally:
+            writer.close()
+
     fuzzed.check(read)
+    fuzzed.check(put)
 
 
 ACTION_TYPES = [*ACTIONS, *fsql.ACTIONS, *fsql.UNSUPPORTED_ACTIONS]
