@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import decimal
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -26,10 +27,14 @@ from conftest import logs_table, start_server, stop_server
 from google.protobuf import any_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+import flightcache
 from flightcache import flightsql as fsql
-from flightcache.errors import ERRORS_BY_CODE
+from flightcache.errors import ERRORS_BY_CODE, DatasetExistsError, DatasetNotFoundError
 from flightcache.protocol import ACTIONS, PutOptions, ReadRequest, Ticket
+from flightcache.server import FlightcacheServer
+from flightcache.store import Store
 
 SENTINEL = "fuzz/sentinel"
 PARQUET = "@parquet"  # stands for the fixture's Parquet file in generated bodies
@@ -597,3 +602,92 @@ def test_fuzz_puts(
     fuzzed.check(lambda: read(flight.FlightDescriptor.for_command(query)))
     persist = json.dumps({"name": stored, "wait": True}).encode()
     fuzzed.check(lambda: list(client.do_action(flight.Action("persist", persist), CALL)))
+
+
+# -- the server against a model: random sequences of writes and reads ----------------------------------------
+
+
+MODEL_NAMES = st.sampled_from(["m/a", "m/b"])
+TXN_IDS = itertools.count()
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Puts (every mode), multi-part transactions, drops and gets on two names; each read must equal the model."""
+
+    client: flightcache.Client  # set by the test
+
+    def __init__(self) -> None:
+        super().__init__()
+        for d in self.client.list():
+            self.client.drop(d["name"])
+        self.model: dict[str, list[int]] = {}
+        self.counter = 0
+
+    def _rows(self, n: int) -> pa.Table:
+        self.counter += n
+        return pa.table({"k": pa.array(range(self.counter - n, self.counter), pa.int64())})
+
+    def _publish(self, name: str, rows: list[int], mode: str) -> None:
+        if mode == "append":
+            self.model[name] = self.model.get(name, []) + rows
+        else:
+            self.model[name] = rows
+
+    @rule(name=MODEL_NAMES, n=st.integers(0, 5), mode=st.sampled_from(["overwrite", "append", "create"]))
+    def put(self, name: str, n: int, mode: str) -> None:
+        table = self._rows(n)
+        if mode == "create" and name in self.model:
+            with pytest.raises(DatasetExistsError):
+                self.client.put(name, table, mode=mode)
+            return
+        self.client.put(name, table, mode=mode)
+        self._publish(name, table["k"].to_pylist(), mode)
+
+    @rule(
+        name=MODEL_NAMES,
+        parts=st.lists(st.integers(0, 4), min_size=1, max_size=3),
+        mode=st.sampled_from(["overwrite", "append"]),
+        keep=st.booleans(),
+    )
+    def transaction(self, name: str, parts: list[int], mode: str, keep: bool) -> None:
+        txn = f"t{next(TXN_IDS)}"  # unique for the server's life: it refuses late parts of aborted ones
+        tables = [self._rows(n) for n in parts]
+        staged = [self.client.put(name, t, mode=mode, txn=txn)["part"] for t in tables]
+        if not keep:
+            assert self.client.abort(txn)["parts_discarded"] == len(parts)
+            return
+        self.client.commit(txn, name, mode, parts=staged[::-1])  # parts publish in the order the commit lists
+        self._publish(name, [k for t in tables[::-1] for k in t["k"].to_pylist()], mode)
+
+    @rule(name=MODEL_NAMES)
+    def drop(self, name: str) -> None:
+        if name not in self.model:
+            with pytest.raises(DatasetNotFoundError):
+                self.client.drop(name)
+            return
+        self.client.drop(name)
+        del self.model[name]
+
+    @invariant()
+    def reads_match_the_model(self) -> None:
+        for name in ("m/a", "m/b"):
+            if name in self.model:
+                assert self.client.get(name)["k"].to_pylist() == self.model[name]
+                assert self.client.info(name)["rows"] == len(self.model[name])
+            else:
+                with pytest.raises(DatasetNotFoundError):
+                    self.client.get(name)
+        stats = self.client.stats()
+        assert stats["memory_staged"] == 0 and stats["open_transactions"] == 0
+
+
+def test_server_matches_a_model() -> None:
+    """Random sequences of puts, appends, creates, transactions (committed in any part order, or aborted) and
+    drops: every read equals what a plain Python model of the datasets holds, and nothing stays staged."""
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(retain_seconds=0))
+    try:
+        with flightcache.connect(f"grpc://127.0.0.1:{srv.port}") as client:
+            CacheMachine.client = client
+            run_state_machine_as_test(CacheMachine, settings=settings(FUZZ, max_examples=40, stateful_step_count=25))
+    finally:
+        srv.shutdown()
