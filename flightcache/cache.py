@@ -87,7 +87,8 @@ class Cache:
             return self.recovery
         manifests = self.storage.catalog()
         committed = {m.name: m.version for m in manifests}
-        incomplete = []
+        incomplete: list[dict[str, Any]] = []
+        removed: list[str] = []
         for path in self.storage.orphans():
             name, number = self.storage.version_of(path)
             if number > committed.get(name, 0):
@@ -99,12 +100,11 @@ class Cache:
                     name,
                     f"version {committed[name]} is served instead" if name in committed else "the dataset is gone",
                 )
-        for m in manifests:
-            self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
-        removed = self.storage.clean(manifests)
-        for path in self.storage.orphans():
             self.storage.remove(path)
             removed.append(self.storage.describe(path))
+        for m in manifests:
+            self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
+        removed += self.storage.clean(manifests)
         if manifests or removed:
             log.info(
                 "recovered %d datasets from %s; removed %d unfinished or old versions",
