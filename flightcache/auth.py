@@ -252,9 +252,10 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Authenticates every call before its handler runs; the handler finds the principal with
     ``context.get_middleware("auth")`` (see ``require_write``)."""
 
-    def __init__(self, auth: Auth) -> None:
+    def __init__(self, auth: Auth, on_refused: Callable[[str, BaseException], None] | None = None) -> None:
         super().__init__()
         self.auth = auth
+        self.on_refused = on_refused  # (method, error): Flight completes no middleware of a refused call
 
     def start_call(self, info: flight.CallInfo, headers: Mapping[str, list[str]]) -> AuthMiddleware:
         values = headers.get("authorization") or []
@@ -264,7 +265,10 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
             )
         except UnauthenticatedError as e:
             log.info("refused %s: %s", info.method.name, e)
-            raise error_to_flight(e) from None
+            refusal = error_to_flight(e)
+            if self.on_refused is not None:
+                self.on_refused(info.method.name.lower(), refusal)
+            raise refusal from None
         return AuthMiddleware(principal)
 
 
@@ -302,11 +306,12 @@ def require_write(context: flight.ServerCallContext, what: str) -> None:
         raise UnauthorizedError(f"{what} needs the write role; this {principal.describe()} has role {principal.role}")
 
 
-def server_options(auth: Auth | None) -> dict[str, Any]:
+def server_options(auth: Auth | None, on_refused: Callable[[str, BaseException], None] | None = None) -> dict[str, Any]:
     """The ``FlightServerBase`` keyword arguments that turn authentication on (none without ``auth``)."""
     if auth is None:
         return {}
-    return {"middleware": {MIDDLEWARE_KEY: AuthMiddlewareFactory(auth)}, "auth_handler": HandshakeHandler()}
+    factory = AuthMiddlewareFactory(auth, on_refused)
+    return {"middleware": {MIDDLEWARE_KEY: factory}, "auth_handler": HandshakeHandler()}
 
 
 # -- limits ---------------------------------------------------------------------------------------

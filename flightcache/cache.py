@@ -95,20 +95,40 @@ class Cache:
             target=self._sweep_loop, args=(sweep_seconds,), daemon=True, name="flightcache-ttl"
         )
         self._sweeper.start()
+        self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": []}
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def recover(self) -> dict[str, Any]:
-        """Rebuild the catalog from storage manifests; remove half-written and superseded versions."""
+        """Rebuild the catalog from storage manifests; remove half-written and superseded versions.
+
+        A version directory without a manifest that is newer than its dataset's committed version is
+        a write that never finished (a write-back cut short by ``kill -9``, say): it is reported, in
+        the log and in ``stats()["recovery"]``, and removed; the dataset comes back at its committed
+        version, if any, never half-present.
+        """
         if self.storage is None:
-            return {"datasets": 0, "removed": []}
+            return self.recovery
         manifests = self.storage.catalog()
-        for m in manifests:
-            self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
-        removed = self.storage.clean(manifests)
+        committed = {m.name: m.version for m in manifests}
+        incomplete: list[dict[str, Any]] = []
+        removed: list[str] = []
         for path in self.storage.orphans():
+            name, number = self.storage.version_of(path)
+            if number > committed.get(name, 0):
+                incomplete.append({"name": name, "version": number, "uri": self.storage.describe(path)})
+                log.warning(
+                    "version %d of dataset %s was never completely written to storage (a write-back cut short "
+                    "by a stop, or a failed write); it is lost, %s",
+                    number,
+                    name,
+                    f"version {committed[name]} is served instead" if name in committed else "the dataset is gone",
+                )
             self.storage.remove(path)
             removed.append(self.storage.describe(path))
+        for m in manifests:
+            self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
+        removed += self.storage.clean(manifests)
         if manifests or removed:
             log.info(
                 "recovered %d datasets from %s; removed %d unfinished or old versions",
@@ -116,7 +136,8 @@ class Cache:
                 self.storage.uri,
                 len(removed),
             )
-        return {"datasets": len(manifests), "removed": removed}
+        self.recovery = {"datasets": len(manifests), "removed": removed, "incomplete_versions": incomplete}
+        return self.recovery
 
     def close(self, flush: bool = True) -> None:
         """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first."""
@@ -452,5 +473,6 @@ class Cache:
             "pending_persists": pending,
             **writebacks,
             "storage": self.storage.uri if self.storage else None,
+            "recovery": {"incomplete_versions": self.recovery["incomplete_versions"]},
             "per_dataset": details,
         }

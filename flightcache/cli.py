@@ -370,10 +370,13 @@ def serve(args: argparse.Namespace) -> int:
         **security,
     )
     auth = security["auth"]
-    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "serving on %s without --auth-token-file: anyone who reaches the port can read and write", args.host
-        )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        if auth is None:
+            log.warning(
+                "serving on %s without --auth-token-file: anyone who reaches the port can read and write", args.host
+            )
+        elif scheme == "grpc":
+            log.warning("serving on %s with credentials but without TLS: tokens cross the network in clear", args.host)
     metrics = None
     if args.metrics_port is not None:
         from .metrics import MetricsEndpoint
@@ -400,6 +403,9 @@ def serve(args: argparse.Namespace) -> int:
         )
 
     def reload(signum: int, frame: object) -> None:
+        if auth is None:  # SIGHUP's default would kill the server without a drain or a flush
+            log.warning("received SIGHUP: there is no --auth-token-file to re-read; ignored")
+            return
         try:
             auth.reload()
         except (OSError, ValueError) as e:
@@ -407,8 +413,7 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if auth is not None:
-        signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGHUP, reload)
     uri = f"{scheme}://{args.host}:{server.port}"
     recovered = store.stats()["states"]["in-storage-only"]
     where = f"storage {storage.uri}, {recovered} datasets recovered" if storage else "no storage"
@@ -638,6 +643,9 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     ]
     states = ", ".join(f"{n} {state}" for state, n in s["states"].items() if n)
     lines.insert(1, ["datasets by state", states or "-"])
+    lost = s.get("recovery", {}).get("incomplete_versions", [])
+    if lost:  # write-backs a crash cut short: acknowledged in memory, never committed to storage
+        lines.append(["lost at the last start", ", ".join(f"{v['name']} v{v['version']}" for v in lost)])
     per = [
         [
             name,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.flight as flight
 
 from .errors import ERRORS_BY_CODE, ServerUnavailableError, require
-from .protocol import error_to_flight
+from .protocol import clean_message, error_to_flight
 
 if TYPE_CHECKING:
     from .server import FlightcacheServer
@@ -102,14 +102,20 @@ class Operations(flight.ServerMiddlewareFactory):
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, Any]) -> _Call:
         method = info.method.name.lower()
-        # Actions pass here so a health check is answered while draining; do_action refuses the rest.
-        if self.draining and info.method != flight.FlightMethod.DO_ACTION:
+        with self._changed:  # checked and counted at once: drain() must not miss a call that got past it
+            # Actions pass here so a health check is answered while draining; do_action refuses the rest.
+            refused = self.draining and info.method != flight.FlightMethod.DO_ACTION
+            if not refused:
+                self._in_flight += 1
+        if refused:
             refusal = error_to_flight(draining_error())
-            self._account(method, {}, refusal, 0.0)
+            self.refused(method, refusal)
             raise refusal
-        with self._changed:
-            self._in_flight += 1
         return _Call(self, method)
+
+    def refused(self, method: str, error: BaseException) -> None:
+        """Count and log a call refused before it started (draining, or by authentication)."""
+        self._account(method, {}, error, 0.0)
 
     def _finished(self, call: _Call, exception: BaseException | None) -> None:
         with self._changed:
@@ -126,7 +132,7 @@ class Operations(flight.ServerMiddlewareFactory):
         if request_log.isEnabledFor(logging.INFO):
             fields = {"method": method, **noted, "duration_ms": round(seconds * 1000, 3), "outcome": outcome}
             if exception is not None:
-                fields["error"] = _clean(str(exception))
+                fields["error"] = clean_message(str(exception))
             request_log.info("request %s", logfmt(fields), extra={"fields": fields})
 
     def drain(self, grace: float) -> tuple[int, int]:
@@ -185,11 +191,6 @@ def _outcome(exception: BaseException | None) -> str:
     except (ValueError, AttributeError):
         code = None
     return code if code in ERRORS_BY_CODE else type(exception).__name__
-
-
-def _clean(message: str) -> str:
-    cut = message.find(". Detail: ")
-    return message[:cut] if cut != -1 else message
 
 
 # -- the request log -------------------------------------------------------------------------------

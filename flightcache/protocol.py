@@ -85,11 +85,13 @@ class _Message:
     @classmethod
     def from_bytes(cls, raw: bytes) -> Any:
         obj = _decode(raw, cls._what)
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(obj) - known)
+        defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(obj) - set(defaults))
         if unknown:
-            raise InvalidRequestError(f"{cls._what} has unknown field(s) {unknown}; known: {sorted(known)}")
+            raise InvalidRequestError(f"{cls._what} has unknown field(s) {unknown}; known: {sorted(defaults)}")
         for key, value in obj.items():
+            if value is None and defaults[key] is not None:  # only optional fields may be null
+                raise InvalidRequestError(f"{cls._what} field {key!r} must not be null")
             if value is not None and not _has_type(value, cls._types[key]):
                 raise InvalidRequestError(f"{cls._what} field {key!r} has the wrong type: {value!r}")
         for key in ("columns", "parts"):
@@ -331,7 +333,7 @@ def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
             code = json.loads(extra).get("code")
         except (ValueError, AttributeError):
             code = None
-    message = _clean_message(str(exc))
+    message = clean_message(str(exc))
     if code in ERRORS_BY_CODE:
         prefix = f"[{code}] "
         return ERRORS_BY_CODE[code](message[len(prefix) :] if message.startswith(prefix) else message)
@@ -352,7 +354,7 @@ def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
     return exc
 
 
-def _clean_message(message: str) -> str:
+def clean_message(message: str) -> str:
     """Drop the transport's suffixes ('. Detail: Failed', gRPC client context) from a message."""
     for marker in (". Detail: ", ". gRPC client debug context: ", ". Client context: "):
         cut = message.find(marker)

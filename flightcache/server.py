@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.flight as flight
 
 from . import __version__
+from .auth import MIDDLEWARE_KEY as AUTH_KEY
 from .auth import WRITE_ACTIONS, Auth, Limits, require_write, server_options
 from .cache import Cache
 from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
@@ -42,7 +43,7 @@ from .protocol import (
 )
 from .sql import SqlLimits, SqlService
 from .storage import Storage
-from .store import PERSIST_FAILED, Store, Version
+from .store import PERSIST_FAILED, Store, Version, batch_nbytes
 
 log = logging.getLogger("flightcache.server")
 
@@ -126,11 +127,14 @@ class FlightcacheServer(flight.FlightServerBase):
             cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
             cache.recover()
         sql = SqlService(cache, sql_limits)
-        # Request accounting, the request log and draining (flightcache.metrics) see every call: first,
-        # so calls that authentication refuses are counted and logged too.
         self.ops = Operations({*ACTIONS, *(name for name, _ in sql.list_actions())})
-        security = server_options(auth)
-        middleware = {MIDDLEWARE_KEY: self.ops, **security.pop("middleware", {}), **kwargs.pop("middleware", {})}
+        # Authentication first: Flight completes none of the middlewares started before one that refuses a
+        # call, so the operations middleware (in-flight count, request log) hears of refusals through on_refused.
+        security = server_options(auth, on_refused=self.ops.refused)
+        extra = kwargs.pop("middleware", {})
+        if taken := {MIDDLEWARE_KEY, AUTH_KEY} & set(extra):
+            raise ValueError(f"middleware keys {sorted(taken)} are flightcache's own; name yours differently")
+        middleware = {**security.pop("middleware", {}), MIDDLEWARE_KEY: self.ops, **extra}
         super().__init__(location, middleware=middleware, **security, **kwargs)
         self.auth = auth
         self.limits = limits or Limits()
@@ -238,9 +242,12 @@ class FlightcacheServer(flight.FlightServerBase):
         note(context, dataset=t.name, version=t.version)
         version = self.cache.get(t.name, t.version)
         request = t.read_request()
-        reader = self.store.scan(version, columns=t.columns, filter=_filter(request), batch_range=(t.start, t.end))
+        expression = _filter(request)
+        if expression is not None:  # a ticket is client bytes: fail here, not mid-stream, if the filter is wrong
+            self.store.check_read(version, columns=t.columns, filter=expression)
+        reader = self.store.scan(version, columns=t.columns, filter=expression, batch_range=(t.start, t.end))
         if request.filter is None and request.filter_substrait is None:
-            served = sum(b.nbytes for b in version.batches[t.start : t.end])
+            served = sum(batch_nbytes(b) for b in version.batches[t.start : t.end])
             self._count(gets=1, bytes_served=served)
             self.store.count(t.name, bytes_served=served)
             note(context, rows=sum(b.num_rows for b in version.batches[t.start : t.end]), bytes=served)
@@ -279,10 +286,10 @@ class FlightcacheServer(flight.FlightServerBase):
                 if chunk.data is not None:
                     if ended is not None:
                         raise InvalidRequestError(f"put of dataset {name!r} sent data after its end-of-stream message")
+                    received += batch_nbytes(chunk.data)
+                    self.limits.check_put(name, received)
                     staged.add(chunk.data)
                     rows += chunk.data.num_rows
-                    received += chunk.data.nbytes
-                    self.limits.check_put(name, received)
                 elif options.trailer and chunk is not first and chunk.app_metadata is not None:
                     ended = EndOfStream.from_bytes(chunk.app_metadata.to_pybytes())
                 chunk = _next_chunk(reader)
@@ -327,7 +334,7 @@ class FlightcacheServer(flight.FlightServerBase):
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
-        note(context, action=kind)
+        note(context, action=kind[:100])  # the client's string: bounded in the log
         if self.ops.draining and kind != HEALTHCHECK:
             raise draining_error()
         self.limits.check_action(kind, body)

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flightcache.sql")
 
+MAX_PARAMETER_SETS = 10_000
+MAX_PARAMETER_BYTES = 16 * 2**20
+
 T = TypeVar("T")
 _MISSING_TABLE = re.compile(r"Table with name (.+?) does not exist")
 _SQL_ERROR_INFO = b'{"code":"SQL_ERROR"}'
@@ -304,6 +307,7 @@ class Query:
         for name in sorted(names):
             version = self.engine._dataset(name, self.count)
             if version is not None:
+                _check_readable(version)
                 self._con.register(version.name, version.table())
                 self._versions.append(version)
 
@@ -450,6 +454,23 @@ def _plain_type(t: pa.DataType) -> pa.DataType:
     if pa.types.is_map(t):
         return pa.map_(_plain_type(t.key_type), t.item_field.with_type(_plain_type(t.item_type)), t.keys_sorted)
     return t
+
+
+def _check_readable(version: Version) -> None:
+    """Refuse a dataset DuckDB would crash reading (the whole server with it): run-end encoded values that
+    are run-end encoded again (DuckDB 2.0, found by fuzzing)."""
+
+    def doubly_encoded(t: pa.DataType) -> bool:
+        if pa.types.is_run_end_encoded(t) and pa.types.is_run_end_encoded(t.value_type):
+            return True
+        return any(doubly_encoded(t.field(i).type) for i in range(t.num_fields))
+
+    for f in version.schema:
+        if doubly_encoded(f.type):
+            raise NotImplementedByServerError(
+                f"SQL cannot read column {f.name!r} of dataset {version.name!r}: run-end encoded values that are "
+                "run-end encoded again; read the dataset with get, or decode the column before putting it"
+            )
 
 
 def _plain_schema(schema: pa.Schema) -> pa.Schema:
@@ -685,9 +706,18 @@ class SqlService:
                 raise NotImplementedByServerError(f"Flight SQL {name} is not implemented: {_READ_ONLY}")
             raise _unsupported(name)
         prepared = self._prepared_statement(cmd.prepared_statement_handle)
-        table = reader.read_all()
-        if table.num_rows > 10_000:
-            raise InvalidRequestError(f"{table.num_rows} parameter sets bound at once; at most 10000 are accepted")
+        batches, rows, nbytes = [], 0, 0
+        for chunk in reader:  # checked as it arrives: parameters are small, a stream of gigabytes is not
+            if chunk.data is None:
+                continue
+            rows, nbytes = rows + chunk.data.num_rows, nbytes + chunk.data.get_total_buffer_size()
+            if rows > MAX_PARAMETER_SETS or nbytes > MAX_PARAMETER_BYTES:
+                raise InvalidRequestError(
+                    f"more than {MAX_PARAMETER_SETS} parameter sets or {MAX_PARAMETER_BYTES // 2**20} MiB bound at "
+                    "once; bind fewer and run the statement again for the rest"
+                )
+            batches.append(chunk.data)
+        table = pa.Table.from_batches(batches, reader.schema)
         columns = [c.to_pylist() for c in table.columns]
         prepared.param_sets = [[c[i] for c in columns] for i in range(table.num_rows)]
         result = fsql.message("DoPutPreparedStatementResult", prepared_statement_handle=cmd.prepared_statement_handle)

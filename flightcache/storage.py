@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import InvalidNameError, StorageError
-from .store import validate_name
+from .store import batch_nbytes, validate_name
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds  # imported where used: it brings pandas, ~50 MiB the server rarely needs
@@ -174,7 +174,7 @@ class Storage:
             path = f"{directory}/part-{i:05d}.parquet"
             self._put_object(path, data)
             if progress is not None:
-                progress(table.nbytes)
+                progress(sum(batch_nbytes(b) for b in groups[i]))
             return {
                 "path": f"part-{i:05d}.parquet",
                 "rows": table.num_rows,
@@ -188,7 +188,7 @@ class Storage:
             version,
             schema,
             sum(f["rows"] for f in files),
-            sum(b.nbytes for b in batches),
+            sum(batch_nbytes(b) for b in batches),
             tuple(files),
             time.time(),
         )
@@ -311,6 +311,12 @@ class Storage:
         with_manifest = {i.path.rsplit("/", 1)[0] for i in infos if i.base_name == MANIFEST}
         return sorted(dirs - with_manifest)
 
+    def version_of(self, path: str) -> tuple[str, int]:
+        """(dataset name, version) of a version directory under the root."""
+        relative = path[len(self.root) :].strip("/") if path.startswith(self.root) else path.strip("/")
+        name, _, directory = relative.rpartition("/")
+        return name, int(directory[1:])
+
     def remove(self, path: str) -> None:
         self._retry(f"remove {self.describe(path)}", lambda: self.fs.delete_dir(path))
 
@@ -362,11 +368,11 @@ def _split(batches: Sequence[pa.RecordBatch], part_bytes: int) -> list[list[pa.R
     groups: list[list[pa.RecordBatch]] = [[]]
     size = 0
     for batch in batches:
-        if groups[-1] and size + batch.nbytes > part_bytes:
+        if groups[-1] and size + batch_nbytes(batch) > part_bytes:
             groups.append([])
             size = 0
         groups[-1].append(batch)
-        size += batch.nbytes
+        size += batch_nbytes(batch)
     return groups if groups[0] else []
 
 

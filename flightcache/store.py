@@ -118,6 +118,23 @@ def _has_dictionary(t: pa.DataType) -> bool:
     return any(_has_dictionary(t.field(i).type) for i in range(t.num_fields))
 
 
+def batch_nbytes(batch: pa.RecordBatch) -> int:
+    """``batch.nbytes``, but safe: for a batch with union columns, the size of all its buffers.
+
+    pyarrow (26) crashes the process computing ``nbytes`` of an empty union read from IPC, as a list of
+    nulls of unions arrives from Flight (its type-ids buffer is absent).
+    """
+    if any(_has_union(f.type) for f in batch.schema):
+        return batch.get_total_buffer_size()
+    return batch.nbytes
+
+
+def _has_union(t: pa.DataType) -> bool:
+    if pa.types.is_union(t):
+        return True
+    return any(_has_union(t.field(i).type) for i in range(t.num_fields))
+
+
 def _children(arr: pa.Array) -> list[pa.Array]:
     if isinstance(arr, (pa.StructArray, pa.UnionArray)):
         return [arr.field(i) for i in range(arr.type.num_fields)]
@@ -661,8 +678,11 @@ class Store:
         self, version: Version, *, columns: list[str] | None = None, filter: pc.Expression | None = None
     ) -> None:
         """Fail now, not mid-stream, on unknown columns or a filter that does not bind to the schema."""
-        nulls = pa.RecordBatch.from_arrays([pa.nulls(1, f.type) for f in version.schema], schema=version.schema)
-        probe = Version(version.name, version.number, version.schema, (nulls,), 1, 0, version.created)
+        try:
+            rows = (pa.RecordBatch.from_arrays([pa.nulls(1, f.type) for f in version.schema], schema=version.schema),)
+        except pa.ArrowInvalid:  # pyarrow cannot make nulls of every type (a list of run-end encoded values)
+            rows = tuple(b.slice(0, 1) for b in version.batches[:1])  # its first row, if it has one
+        probe = Version(version.name, version.number, version.schema, rows, len(rows), 0, version.created)
         try:  # an empty scan never evaluates the filter; one row of nulls does
             self.scan(probe, columns=columns, filter=filter).read_all()
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:

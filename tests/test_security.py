@@ -335,6 +335,24 @@ def test_rpcs_not_served_are_authenticated_first(secured: Secured, call: Callabl
     assert "UNAUTH" not in str(raised.value)
 
 
+def test_refused_calls_are_counted_and_do_not_hold_up_a_stop(secured: Secured) -> None:
+    """A call refused for its credentials is counted as UNAUTHENTICATED and never left 'in flight'."""
+    fc = flight.connect(secured.uri)
+    for _ in range(3):
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            fc.list_actions(options())
+    calls = {r["method"]: r["outcomes"] for r in secured.server.ops.requests.snapshot()}
+    assert calls["list_actions"] == {"UNAUTHENTICATED": 3}
+    assert secured.server.ops.in_flight == 0
+    assert secured.server.drain(5)["cut"] == 0
+
+
+def test_flightcache_middleware_keys_are_reserved() -> None:
+    """A caller's middleware cannot silently replace authentication or the operations middleware."""
+    with pytest.raises(ValueError, match="auth"):
+        FlightcacheServer("grpc://127.0.0.1:0", middleware={"auth": flight.ServerMiddlewareFactory()})
+
+
 def test_client_raises_flightcache_errors(secured: Secured) -> None:
     """flightcache.Client maps the refusals to UnauthenticatedError and UnauthorizedError with clear messages."""
     with flightcache.connect(secured.uri) as c, pytest.raises(UnauthenticatedError, match=r"token=, --token"):
