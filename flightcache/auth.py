@@ -53,6 +53,7 @@ MIN_TOKEN_CHARS = 16
 MIDDLEWARE_KEY = "auth"
 DEFAULT_SESSION_SECONDS = 24 * 3600.0
 MAX_SESSIONS = 10_000
+MAX_SESSIONS_PER_USER = 100
 DEFAULT_MAX_ACTION_BYTES = 2 * 1024 * 1024  # room for the largest SQL query (1 MiB) and its parameters
 
 # Actions that change what the server holds: they need a write role (so does do_put).
@@ -235,9 +236,14 @@ class Auth:
         session = secrets.token_urlsafe(32)
         now = self._clock()
         with self._lock:
+            for key in [k for k, s in self._sessions.items() if s.expires <= now]:
+                del self._sessions[key]
+            # One user's handshakes end that user's oldest sessions, never another user's.
+            own = [k for k, s in self._sessions.items() if s.user == user]
+            for key in own[: max(0, len(own) - MAX_SESSIONS_PER_USER + 1)]:
+                del self._sessions[key]
             if len(self._sessions) >= MAX_SESSIONS:
-                for key in [k for k, s in self._sessions.items() if s.expires <= now] or [next(iter(self._sessions))]:
-                    del self._sessions[key]
+                del self._sessions[next(iter(self._sessions))]
             self._sessions[hashlib.sha256(session.encode()).digest()] = _Session(
                 user, hashlib.sha256(expected).digest(), now + self.session_seconds
             )

@@ -42,7 +42,7 @@ from .protocol import (
     error_to_flight,
 )
 from .sql import SqlLimits, SqlService
-from .storage import Storage
+from .storage import Storage, redacted
 from .store import PERSIST_FAILED, Store, Version, batch_nbytes
 
 log = logging.getLogger("flightcache.server")
@@ -350,7 +350,7 @@ class FlightcacheServer(flight.FlightServerBase):
             note(context, version=result["version"], bytes=result["bytes"])
         elif kind == "load":
             load = LoadRequest.from_bytes(body)
-            note(context, dataset=load.name, uri=load.uri)
+            note(context, dataset=load.name, uri=redacted(load.uri))
             return self._load(load)
         elif kind == "persist":
             p = PersistRequest.from_bytes(body)
@@ -414,7 +414,7 @@ class FlightcacheServer(flight.FlightServerBase):
             elif kind == "error":
                 raise _flight_error("load", value)
             else:
-                log.info("loaded %s v%d from %s", value.name, value.number, request.uri)
+                log.info("loaded %s v%d from %s", value.name, value.number, redacted(request.uri))
                 yield json.dumps(
                     {"name": value.name, "version": value.number, "rows": value.num_rows, "bytes": value.nbytes}
                 ).encode()

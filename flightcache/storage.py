@@ -376,6 +376,14 @@ def _split(batches: Sequence[pa.RecordBatch], part_bytes: int) -> list[list[pa.R
     return groups if groups[0] else []
 
 
+def redacted(uri: str) -> str:
+    """``uri`` without a ``user:password@`` part, for logs (some pyarrow filesystems take credentials there)."""
+    parsed = urlparse(uri)
+    if parsed.password is None and parsed.username is None:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+
+
 def filesystem(uri: str, *, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path) for a URI or plain path.
 

@@ -26,7 +26,7 @@ from conftest import logs_table, run_cli, start_server, stop_server
 
 import flightcache
 from flightcache import flightsql as fsql
-from flightcache.auth import WRITE_ACTIONS, Auth, Credentials, Limits
+from flightcache.auth import MAX_SESSIONS_PER_USER, WRITE_ACTIONS, Auth, Credentials, Limits
 from flightcache.errors import (
     InvalidNameError,
     InvalidRequestError,
@@ -432,6 +432,19 @@ def test_sessions_expire() -> None:
     now[0] = 11
     with pytest.raises(UnauthenticatedError):
         auth.authenticate(f"Bearer {session}")
+
+
+def test_one_users_handshakes_do_not_end_anothers_sessions() -> None:
+    """A user opening sessions in a loop ends only that user's oldest ones."""
+    auth = Auth(users={"u": ("p", "read"), "v": ("q", "read")})
+    kept = auth.authenticate(basic("v", "q"), handshake=True).session
+    first = auth.authenticate(basic("u", "p"), handshake=True).session
+    for _ in range(MAX_SESSIONS_PER_USER):
+        latest = auth.authenticate(basic("u", "p"), handshake=True).session
+    assert auth.authenticate(f"Bearer {kept}").user == "v"
+    assert auth.authenticate(f"Bearer {latest}").user == "u"
+    with pytest.raises(UnauthenticatedError):
+        auth.authenticate(f"Bearer {first}")
 
 
 def test_adbc_flight_sql_driver_with_basic_auth(secured: Secured) -> None:

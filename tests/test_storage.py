@@ -9,7 +9,7 @@ import pytest
 from conftest import MotoS3, every_type_table, logs_table
 
 from flightcache.errors import StorageError
-from flightcache.storage import MANIFEST, Storage, is_transient, read_external
+from flightcache.storage import MANIFEST, Storage, is_transient, read_external, redacted
 
 pytestmark = pytest.mark.s3
 
@@ -148,3 +148,10 @@ def test_unreachable_s3_is_retried_then_fails(s3_bucket: str, monkeypatch: pytes
 )
 def test_error_classification(message: str, transient: bool) -> None:
     assert is_transient(OSError(message)) is transient
+
+
+def test_redacted_hides_credentials_in_uris() -> None:
+    """Load URIs reach the request log: a user:password part never does."""
+    assert redacted("hdfs://user:secret@namenode:9000/logs") == "hdfs://namenode:9000/logs"
+    assert redacted("s3://bucket/prefix/") == "s3://bucket/prefix/"
+    assert redacted("/local/path") == "/local/path"
