@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         "async (write-back) (default: %(default)s)",
     )
 
+    serve.add_argument(
+        "--shm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="keep datasets in shared memory (/dev/shm) so that clients on this host map them instead of "
+        "streaming them; auto: on when /dev/shm has room for the memory limit (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shm-group", help="let this group read the shared-memory files too (default: only the server's user)"
+    )
+
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
 
     info = sub.add_parser(
@@ -256,6 +267,8 @@ def serve(args: argparse.Namespace) -> int:
         storage=storage,
         persist=args.persist,
         endpoint_bytes=parse_bytes(args.endpoint_bytes),
+        shm=args.shm,
+        shm_group=args.shm_group,
     )
     stopping = threading.Event()
 
@@ -278,6 +291,7 @@ def serve(args: argparse.Namespace) -> int:
             "pid": os.getpid(),
             "storage": storage.uri if storage else None,
             "recovered": recovered,
+            "shm": str(server.cache.shm.dir) if server.cache.shm else None,
         },
         f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, {where}, "
         f"pid {os.getpid()})",

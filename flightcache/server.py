@@ -32,11 +32,14 @@ from .protocol import (
     PersistRequest,
     PutOptions,
     ReadRequest,
+    ShmRequest,
     Ticket,
     action_name,
     descriptor_name,
+    encode_schema,
     error_to_flight,
 )
+from .shm import resolve as resolve_shm
 from .sql import SqlLimits, SqlService
 from .storage import Storage
 from .store import Store, Version
@@ -113,10 +116,14 @@ class FlightcacheServer(flight.FlightServerBase):
         endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
         max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
         sql_limits: SqlLimits | None = None,
+        shm: str = "auto",
+        shm_group: str | None = None,
         **kwargs: Any,
     ) -> None:
         if cache is None:
-            cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
+            store = store if store is not None else Store(memory_limit)
+            shared = resolve_shm(shm, store.memory_limit, group=shm_group)  # auto|on|off; see flightcache.shm
+            cache = Cache(store, storage, persist=persist, shm=shared)
             cache.recover()
         super().__init__(location, **kwargs)
         self.cache = cache
@@ -131,6 +138,7 @@ class FlightcacheServer(flight.FlightServerBase):
             "puts_aborted": 0,
             "bytes_served": 0,
             "bytes_received": 0,
+            "shm_reads": 0,
         }
         self.started = time.time()
 
@@ -312,6 +320,8 @@ class FlightcacheServer(flight.FlightServerBase):
             result = self.store.info(action_name(body, kind)).to_dict()
         elif kind == "list":
             result = [i.to_dict() for i in self.store.list()]
+        elif kind == "shm":
+            result = self._shm(ShmRequest.from_bytes(body))
         elif kind == "stats":
             result = self.stats()
         elif kind == "commit":
@@ -332,6 +342,25 @@ class FlightcacheServer(flight.FlightServerBase):
         else:
             raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
         return [json.dumps(result).encode()]
+
+    def _shm(self, request: ShmRequest) -> dict[str, Any]:
+        """The shared-memory files of a version still held (loading it on a miss), or "files": null."""
+        shm = self.cache.shm
+        if shm is None:
+            return {"name": request.name, "files": None, "enabled": False}
+        version = self.cache.get(request.name, request.version)
+        files = shm.describe(version.files) if version.in_files else None
+        if files is not None:  # a fallback to do_get counts its own
+            self._count(gets=1, shm_reads=1, bytes_served=version.nbytes)
+            self.store.count(version.name, hits=1, bytes_served=version.nbytes)
+        return {
+            "name": version.name,
+            "version": version.number,
+            "rows": version.num_rows,
+            "batches": len(version.batches),
+            "schema": encode_schema(version.schema),
+            "files": files,
+        }
 
     def _load(self, request: LoadRequest) -> Iterator[bytes]:
         """Run a load in a worker thread, streaming {"progress": ...} results, then the summary."""

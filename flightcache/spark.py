@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .client import Client, default_uri
+from .client import Client, default_shm, default_uri
 from .errors import (
     DatasetExistsError,
     DatasetNotFoundError,
@@ -44,7 +44,7 @@ from .errors import (
     require,
 )
 from .filters import parse_filter
-from .protocol import error_from_flight
+from .protocol import Ticket, error_from_flight
 from .store import validate_name
 
 require("pyspark", "spark")
@@ -101,7 +101,7 @@ __all__ = ["FORMAT", "FlightcacheDataSource", "arrow_schema", "register", "spark
 FORMAT = "flightcache"
 PUSHDOWN_CONF = "spark.sql.python.filterPushdown.enabled"
 IF_EXISTS = ("error", "ignore")
-OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist")
+OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist", "shm")
 PERSIST = ("none", "sync", "async")
 
 
@@ -134,6 +134,7 @@ class _Options:
     pushdown: bool = False
     if_exists: str | None = None
     persist: str | None = None
+    shm: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> _Options:
@@ -159,10 +160,10 @@ class _Options:
                 "(or leave it out to follow the save mode, append or overwrite)"
             )
         pushdown = (options.get("pushdown") or "false").lower()
-        if pushdown not in ("true", "false"):
-            raise InvalidRequestError(
-                f"option pushdown={options['pushdown']!r} for dataset {name!r}: use true or false"
-            )
+        shm = (options.get("shm") or str(default_shm())).lower()
+        for key, value in (("pushdown", pushdown), ("shm", shm)):
+            if value not in ("true", "false"):
+                raise InvalidRequestError(f"option {key}={options[key]!r} for dataset {name!r}: use true or false")
         text = options.get("filter") or None
         if text is not None:
             parse_filter(text)  # a syntax error is reported before any job starts
@@ -180,10 +181,11 @@ class _Options:
             pushdown == "true",
             if_exists,
             persist,
+            shm == "true",
         )
 
     def client(self) -> Client:
-        return Client(self.uri)
+        return Client(self.uri, shm=self.shm)
 
     @contextmanager
     def context(self, doing: str) -> Iterator[None]:
@@ -427,9 +429,13 @@ class _Reader(DataSourceReader):
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
         assert isinstance(partition, _Endpoint)
+        client = self.options.client()
         try:
             with self.options.context("read"):
-                for batch in self.options.client().flight.do_get(flight.Ticket(partition.ticket)).to_reader():
+                batches = _shared_batches(client, partition.ticket)
+                if batches is None:
+                    batches = client.flight.do_get(flight.Ticket(partition.ticket)).to_reader()
+                for batch in batches:
                     if batch.num_rows:
                         yield _conform(batch, self.target)
         except DatasetNotFoundError as e:
@@ -437,6 +443,22 @@ class _Reader(DataSourceReader):
                 f"{e} (a DataFrame reads the version that was current when its query was planned; "
                 "load() it again to read the current one)"
             ) from None
+
+
+def _shared_batches(client: Client, ticket: bytes) -> list[pa.RecordBatch] | None:
+    """The ticket's batches mapped from the server's shared memory, projected and filtered here; None if
+    this worker cannot map them (another host, shared memory off)."""
+    t = Ticket.from_bytes(ticket)
+    shared = client.shared(t.name, t.version)
+    if shared is None:
+        return None
+    if t.filter is not None:
+        expression: pc.Expression | None = parse_filter(t.filter)
+    elif t.filter_substrait is not None:
+        expression = pc.Expression.from_substrait(t.read_request().substrait_bytes())
+    else:
+        expression = None
+    return shared.table(t.columns, expression, (t.start, t.end)).to_batches()
 
 
 class _PushdownReader(_Reader):
