@@ -301,7 +301,11 @@ class Client:
         it (another host, shared memory off, the file gone): then read it with ``get`` or ``do_get``."""
         if not self.shm or self._no_shm_pid == os.getpid():
             return None
-        answer = self._action("shm", ShmRequest(validate_name(name), version))
+        try:
+            answer = self._action("shm", ShmRequest(validate_name(name), version))
+        except InvalidRequestError:  # a server that predates shared-memory reads: unknown action
+            self._no_shm_pid = os.getpid()
+            return None
         if answer["files"] is None:
             if not answer.get("enabled", True):
                 self._no_shm_pid = os.getpid()  # the server keeps nothing in shared memory

@@ -22,7 +22,8 @@ File names carry 128 random bits, and a path names exactly one file of one datas
 from __future__ import annotations
 
 import contextlib
-import grp
+import hashlib
+import hmac
 import logging
 import mmap
 import os
@@ -37,7 +38,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from .errors import InvalidRequestError, MemoryFullError
 from .store import format_bytes
@@ -67,35 +67,31 @@ class SharedMemory:
         if self.gid is not None:
             os.chown(self.dir, -1, self.gid)
             os.chmod(self.dir, 0o750)
-        self._nonces: dict[str, str] = {}
+        self._secret = secrets.token_bytes(32)
 
     def open(self, name: str, schema: pa.Schema) -> SharedFile | None:
         """A file for one put's batches, or None when Arrow IPC files cannot hold them unchanged."""
         if _has_dictionary(schema):
             return None  # an IPC file allows one dictionary per field; batches may carry different ones
-        nonce = secrets.token_hex(16)
         path = self.dir / f"{secrets.token_hex(16)}.arrow"
-        shared = SharedFile(path, schema, nonce, 0o640 if self.gid is not None else 0o600)
-        self._nonces[str(path)] = nonce
-        return shared
+        return SharedFile(path, schema, self._nonce(str(path)), 0o640 if self.gid is not None else 0o600)
+
+    def _nonce(self, path: str) -> str:
+        # Derived, not stored: nothing to forget when a file goes, and no answer for a path we did not make.
+        return hmac.new(self._secret, path.encode(), hashlib.sha256).hexdigest()[:32]
 
     def remove(self, token: str) -> None:
         """Unlink a file no version uses any more (mappings of it stay valid)."""
-        self._nonces.pop(token, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(token)
 
-    def describe(self, files: Iterable[str]) -> list[dict[str, str]] | None:
-        """What the ``shm`` action hands out for a version's files: path and nonce of each (None: removed)."""
-        try:
-            return [{"path": f, "nonce": self._nonces[f]} for f in files]
-        except KeyError:
-            return None  # the version was released meanwhile
+    def describe(self, files: Iterable[str]) -> list[dict[str, str]]:
+        """What the ``shm`` action hands out for a version's files: path and nonce of each."""
+        return [{"path": f, "nonce": self._nonce(f)} for f in files]
 
     def close(self) -> None:
         """Remove the directory and every file in it."""
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._nonces.clear()
 
 
 class SharedFile:
@@ -226,6 +222,8 @@ def _private_dir(path: Path, mode: int, gid: int | None) -> None:
 
 
 def _gid(group: str) -> int:
+    import grp  # POSIX only; clients on other systems import this module too
+
     try:
         return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError as e:
@@ -262,6 +260,8 @@ class SharedVersion:
         start, end = batch_range or (0, len(self.batches))
         table = pa.Table.from_batches(self.batches[start:end], self.schema)
         if filter is not None:
+            import pyarrow.dataset as ds
+
             return ds.dataset(table).to_table(columns=columns, filter=filter)
         return table if columns is None else table.select(columns)
 

@@ -452,13 +452,16 @@ def _shared_batches(client: Client, ticket: bytes) -> list[pa.RecordBatch] | Non
     shared = client.shared(t.name, t.version)
     if shared is None:
         return None
-    if t.filter is not None:
-        expression: pc.Expression | None = parse_filter(t.filter)
-    elif t.filter_substrait is not None:
-        expression = pc.Expression.from_substrait(t.read_request().substrait_bytes())
-    else:
-        expression = None
-    return shared.table(t.columns, expression, (t.start, t.end)).to_batches()
+    try:
+        if t.filter is not None:
+            expression: pc.Expression | None = parse_filter(t.filter)
+        elif t.filter_substrait is not None:
+            expression = pc.Expression.from_substrait(t.read_request().substrait_bytes())
+        else:
+            expression = None
+        return shared.table(t.columns, expression, (t.start, t.end)).to_batches()
+    except pa.ArrowException:
+        return None  # the server applies it, and words any error
 
 
 class _PushdownReader(_Reader):
