@@ -161,8 +161,8 @@ def targets(s: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["flightcache_no_slower_than_local"] = {"ratio": round(ratio, 3), "met": ratio <= 1.0}
     if "flightcache" in s and "flightcache-noshm" in s:
         paired = [
-            sum(b["wall_s"] for b in without if b["stage"] in READ_STAGES)
-            / sum(a["wall_s"] for a in with_ if a["stage"] in READ_STAGES)
+            sum(b["wall_s"] for b in without["stages"] if b["stage"] in READ_STAGES)
+            / sum(a["wall_s"] for a in with_["stages"] if a["stage"] in READ_STAGES)
             for with_, without in zip(s["flightcache"]["runs"], s["flightcache-noshm"]["runs"], strict=True)
         ]
         out["flightcache_shm_read_stages_faster"] = {
