@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/storage.py
 	$(PY) bench/sql.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/spark_read.py
 	$(PY) bench/report.py
 
 clean:
