@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .errors import FlightcacheError, InvalidRequestError
+from .errors import InvalidRequestError
 from .filters import parse_filter
 from .protocol import (
     AbortRequest,
@@ -318,12 +318,13 @@ class Client:
     def _read_shared(
         self, name: str, columns: list[str] | None, filter: str | pc.Expression | None, version: int | None
     ) -> pa.Table | None:
+        expression = parse_filter(filter) if isinstance(filter, str) else filter  # syntax errors before any call
         shared = self.shared(name, version)
         if shared is None:
             return None
         try:
-            return shared.table(columns, parse_filter(filter) if isinstance(filter, str) else filter)
-        except (pa.ArrowException, KeyError, FlightcacheError):
+            return shared.table(columns, expression)
+        except (pa.ArrowException, KeyError):
             return None  # an unknown column or a filter that does not bind: the server words the error
 
     def to_pandas(
