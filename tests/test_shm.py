@@ -221,6 +221,18 @@ def test_transaction_parts_not_chosen_are_removed(tmp_path: Path) -> None:
     shm.close()
 
 
+def test_a_configured_group_may_read(tmp_path: Path) -> None:
+    """--shm-group: directories 0710 and 0750, files 0640, all of that group."""
+    shm = SharedMemory(tmp_path, group=str(os.getgid()))
+    shared = shm.open("t", logs_table(10).schema)
+    assert shared is not None
+    shared.keep(logs_table(10).to_batches()[0])
+    shared.finish()
+    for path, mode in ((shm.dir.parent, 0o710), (shm.dir, 0o750), (Path(shared.token), 0o640)):
+        assert stat.S_IMODE(path.stat().st_mode) == mode and path.stat().st_gid == os.getgid()
+    shm.close()
+
+
 def test_stale_directories_of_dead_servers_are_removed(tmp_path: Path) -> None:
     """At start, directories whose owner process is gone (or is another process now) are removed."""
     base = tmp_path / f"flightcache-{os.getuid()}"
