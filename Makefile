@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/sql.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/load.py
+	$(PY) bench/spark_read.py
 	$(PY) bench/report.py
 
 clean:

@@ -4,8 +4,10 @@ Every server runs in its own process (this file with --serve), so client and ser
 GIL, as in production. The bare server serves the same deterministic table re-chunked to several batch
 sizes; its best batch size is the floor that flightcache's DoGet is compared with. Three phases, each
 interleaving its configurations within every repetition: 1. the DoGet batch-size sweep, bare and
-flightcache, one stream each; 2. one stream against the default server's endpoints read in parallel,
-and DoPut; 3. the same reads from a cold client. Then the server RSS experiments.
+flightcache, one stream each, and same-host reads from a server with shared memory on (client.get
+mapping the data, the same plus touching every page, and do_get from that server); 2. one stream
+against the default server's endpoints read in parallel, and DoPut; 3. the same reads from a cold
+client. Then the server RSS experiments.
 
     .venv/bin/python bench/flight_throughput.py            # ~1 GiB, 7 reps -> bench_results/ (~4 min)
     .venv/bin/python bench/flight_throughput.py --quick    # 32 MiB, 1 rep -> a temp dir, in seconds
@@ -68,6 +70,12 @@ NOTES = [
     "handler kept of what it received (see rss.*.arrow_pool_bytes: 0 means the batches are views into gRPC's "
     "receive buffers).",
     "put/bare discards every chunk (the issue's floor); put/bare-keep holds the last put's batches like a cache.",
+    "fc_shm/*: a server with --shm on (64Ki batches, one endpoint). fc_shm/get is client.get on the same host: one "
+    "action round trip, then the version's Arrow IPC files under /dev/shm are mapped and checked, and a Table over "
+    "the mapping is returned, no byte copied (what a pipeline stage gets). fc_shm/get+touch also reads one byte of "
+    "every 4 KiB page of every buffer, so every page is faulted into the client: the cost of actually using all of "
+    "it. fc_shm/do_get streams the same server's mapped batches over loopback (client shm=False). The other "
+    "flightcache servers run with --shm off, as before, so their figures and RSS stay comparable with earlier runs.",
     "RSS is VmRSS of the server process; 'trimmed' is after the Arrow pool's release_unused() and glibc's "
     "malloc_trim(0), which hand freed memory back to the OS: the difference is memory the server freed but its "
     "allocators kept.",
@@ -215,7 +223,8 @@ def flightcache_server(spec: dict[str, Any]) -> flight.FlightServerBase:
                 release_memory()
 
     store = Store(memory_limit=None, batch_rows=spec["batch_rows"])
-    return BenchFlightcacheServer("grpc://127.0.0.1:0", store=store, endpoint_bytes=spec["endpoint_bytes"])
+    return BenchFlightcacheServer("grpc://127.0.0.1:0", store=store, endpoint_bytes=spec["endpoint_bytes"],
+                                  shm="on" if spec.get("shm") else "off")
 
 
 def serve(spec: dict[str, Any]) -> None:
@@ -330,6 +339,25 @@ def fc_get(client: Any, rows: int) -> Callable[[], None]:
     return run
 
 
+def fc_shm_get(client: Any, rows: int, touch: bool) -> Callable[[], None]:
+    """client.get through shared memory; with ``touch``, then read a byte of every page of every buffer."""
+    if client.shared(NAME) is None:
+        raise RuntimeError(f"flightcache {client.uri}: the data is not mapped from shared memory")
+
+    def run() -> None:
+        result = client.get(NAME)
+        if result.num_rows != rows:
+            raise RuntimeError(f"flightcache shm {client.uri}: got {result.num_rows} rows, expected {rows}")
+        if touch:
+            for batch in result.to_batches():
+                for column in batch.columns:
+                    for buf in column.buffers():
+                        if buf is not None and buf.size:
+                            np.frombuffer(buf, np.uint8)[::4096].sum()
+
+    return run
+
+
 def bare_put(conn: flight.FlightClient, table: pa.Table, path: str) -> Callable[[], None]:
     def run() -> None:
         writer, _ = conn.do_put(flight.FlightDescriptor.for_path(path), table.schema)
@@ -373,8 +401,9 @@ def measure(configs: list[Config], nbytes: int, reps: int, servers: list[ServerP
 # -- the run -------------------------------------------------------------------------------------
 
 
-def fc_spec(batch_rows: int, endpoint_bytes: int, what_if: bool = False) -> dict[str, Any]:
-    return {"kind": "flightcache", "batch_rows": batch_rows, "endpoint_bytes": endpoint_bytes, "what_if": what_if}
+def fc_spec(batch_rows: int, endpoint_bytes: int, what_if: bool = False, shm: bool = False) -> dict[str, Any]:
+    return {"kind": "flightcache", "batch_rows": batch_rows, "endpoint_bytes": endpoint_bytes, "what_if": what_if,
+            "shm": shm}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -384,10 +413,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     fc_one = {label: ServerProcess(f"flightcache {label}, 1 endpoint", fc_spec(rows or 1 << 40, ONE_ENDPOINT_BYTES))
               for label, rows in SWEEP.items()}
     fc_default = ServerProcess("flightcache default", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes))
+    fc_shm = ServerProcess("flightcache --shm on", fc_spec(DEFAULT_BATCH_ROWS, ONE_ENDPOINT_BYTES, shm=True))
     one_stream = fc_one[_label(DEFAULT_BATCH_ROWS)]
     try:
-        progress(f"starting {1 + len(fc_one)} server processes; generating the table ({args.size / MiB:.0f} MiB)")
-        start_all([bare, *fc_one.values()])  # the bare server builds its own copy of the table meanwhile
+        progress(f"starting {2 + len(fc_one)} server processes; generating the table ({args.size / MiB:.0f} MiB)")
+        start_all([bare, *fc_one.values(), fc_shm])  # the bare server builds its own copy of the table meanwhile
         table = make_table(args.size)
         rows, nbytes = table.num_rows, table.nbytes
         progress(f"table: {rows:,} rows, {nbytes:,} Arrow bytes; servers ready")
@@ -402,16 +432,28 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             stored[label] = flightcache.connect(fc_one[label].uri).info(NAME)
             if not flightcache.connect(fc_one[label].uri).get(NAME).equals(table):
                 raise RuntimeError(f"{fc_one[label].label} returned a different table")
+        shm_client = flightcache.connect(fc_shm.uri, shm=True)
+        shm_client.put(NAME, table)
+        stored["shm"] = shm_client.info(NAME)
+        if not shm_client.get(NAME).equals(table) or not flightcache.connect(fc_shm.uri, shm=False).get(NAME).equals(
+                table):
+            raise RuntimeError(f"{fc_shm.label} returned a different table")
 
         progress("phase 1: DoGet batch-size sweep, bare and flightcache, one stream each")
         bare_sweep = [Config(f"bare_get/{label}", "bare_get", f"bare {label}", bare_get(conn, label, rows))
                       for label in SWEEP]
         fc_sweep = [Config(f"fc_get/{label}", "fc_get", f"flightcache {label}",
                            fc_get(flightcache.connect(fc_one[label].uri), rows)) for label in SWEEP]
+        shm_reads = [Config("fc_shm/get", "fc_shm", "flightcache shm client.get", fc_shm_get(shm_client, rows, False)),
+                     Config("fc_shm/get+touch", "fc_shm", "fc shm get + touch every page",
+                            fc_shm_get(shm_client, rows, True)),
+                     Config("fc_shm/do_get", "fc_shm", "fc shm server, do_get",
+                            fc_get(flightcache.connect(fc_shm.uri, shm=False), rows))]
         # Each bare size next to its flightcache twin: the paired per-rep ratios then see the same load.
-        measure([c for pair in zip(bare_sweep, fc_sweep, strict=True) for c in pair], nbytes, args.reps,
-                [bare, *fc_one.values()])
-        sweep = bare_sweep + fc_sweep
+        measure([c for pair in zip(bare_sweep, fc_sweep, strict=True) for c in pair] + shm_reads, nbytes, args.reps,
+                [bare, *fc_one.values(), fc_shm])
+        sweep = bare_sweep + fc_sweep + shm_reads
+        fc_shm.stop()
         for s in fc_one.values():  # make room for phase 2's put churn
             if s is not one_stream:
                 s.stop()
@@ -453,7 +495,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for c in [sweep[list(SWEEP).index(_label(DEFAULT_BATCH_ROWS))], *scaling] if c.key != "fc_parallel/p1"]
         measure(cold, nbytes, args.reps, servers)
     finally:
-        for s in [bare, *fc_one.values(), fc_default]:
+        for s in [bare, *fc_one.values(), fc_default, fc_shm]:
             s.stop()
 
     results = summarize(sweep + scaling + cold + puts)
@@ -540,6 +582,9 @@ def summarize(configs: list[Config]) -> dict[str, Any]:
             if c.key.startswith(f"{prefix}fc_parallel/p"):
                 ratios[f"{c.key} / {prefix}fc_parallel/stream"] = ratio(c.key, f"{prefix}fc_parallel/stream")
     ratios["cold/fc_parallel/stream / cold/bare_get/64Ki"] = ratio("cold/fc_parallel/stream", "cold/bare_get/64Ki")
+    for key in ("fc_shm/get", "fc_shm/get+touch", "fc_shm/do_get"):
+        ratios[f"{key} / {one_stream}"] = ratio(key, one_stream)
+        ratios[f"{key} / best bare"] = ratio(key, best.key)
     ratios["put/flightcache / put/bare"] = ratio("put/flightcache", "put/bare")
     ratios["put/flightcache / put/bare-keep"] = ratio("put/flightcache", "put/bare-keep")
     return {
@@ -583,6 +628,14 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             "ratios_of_medians": {k: ratios[f"fc_parallel/{k} / fc_parallel/stream"]["of_medians"] for k in parallel},
             "cold_client": {k: paired(f"cold/fc_parallel/{k} / cold/fc_parallel/stream") for k in parallel},
         },
+        "shm_get_50x_do_get": {
+            "target": f"same-host client.get through shared memory >= 50x flightcache DoGet over loopback ({one}), "
+                      "full read of the table",
+            "ratio": paired(f"fc_shm/get / {one}"), "met": paired(f"fc_shm/get / {one}") >= 50,
+            "ratio_of_medians": ratios[f"fc_shm/get / {one}"]["of_medians"],
+            "vs_best_bare": paired("fc_shm/get / best bare"),
+            "touching_every_page": paired(f"fc_shm/get+touch / {one}"),
+        },
         "rss_at_most_1.1x_arrow_bytes": {
             "target": "server RSS (VmRSS, settled after the put) <= 1.1x the dataset's Arrow bytes",
             "ratio": settled["rss_over_arrow_bytes"], "met": settled["rss_over_arrow_bytes"] <= 1.1,
@@ -599,7 +652,7 @@ def print_summary(results: dict[str, Any]) -> None:
     best = results["medians"][results["best_bare"]]
     print(f"\n{'configuration':<38} {'median GB/s':>11} {'/ best bare':>11}  samples")
     for c in results["configs"].values():
-        vs = f"{c['median'] / best:.3f}" if c["group"] in ("bare_get", "fc_get", "fc_parallel") else ""
+        vs = f"{c['median'] / best:.3f}" if c["group"] in ("bare_get", "fc_get", "fc_parallel", "fc_shm") else ""
         print(f"{c['label']:<38} {c['median']:>11.3f} {vs:>11}  {' '.join(f'{s:.2f}' for s in c['samples'])}")
     r = results["ratios"]
     print(f"\nDoPut flightcache / bare: {r['put/flightcache / put/bare']['of_medians']:.3f} "
@@ -627,6 +680,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     groups = {"bare_get": ("#888888", "bare DoGet (batch-size sweep)"),
               "fc_get": ("#1f77b4", "flightcache DoGet, 1 stream (batch_rows sweep)"),
               "fc_parallel": ("#2ca02c", "flightcache client.get, parallel endpoints"),
+              "fc_shm": ("#d62728", "flightcache --shm on: mapped get, + touch, do_get"),
               "cold": ("#bcbd22", "cold client (page faults), bare / flightcache"),
               "put": ("#ff7f0e", "DoPut")}
     fig, (ax, ax_rss) = plt.subplots(1, 2, figsize=(16, 6.5), gridspec_kw={"width_ratios": [4, 1]})
@@ -639,6 +693,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     best = results["medians"][results["best_bare"]]
     ax.axhline(best, color="k", linestyle="--", linewidth=0.8, label=f"best bare DoGet ({best:.2f} GB/s)")
     ax.axhline(0.9 * best, color="r", linestyle=":", linewidth=0.8, label="90% of best bare (target)")
+    if max(c["median"] for c in configs.values()) > 20 * best:  # shared-memory reads dwarf the streams
+        ax.set_yscale("log")
     for color, name in groups.values():
         ax.bar(0, 0, color=color, label=name)
     ax.set_xticks(range(len(keys)), [configs[k]["label"] for k in keys], rotation=35, ha="right", fontsize=8)

@@ -8,7 +8,9 @@ drift on this shared machine hits all modes alike:
                      per-connection bandwidth from AWS's published guidance, optional jitter
   s3-local           the same, unshaped (moto on loopback: the most optimistic S3)
   local              Spark's own Parquet on local disk
-  flightcache        through a flightcache server, memory only
+  flightcache        through a flightcache server, memory only; its readers (Spark workers on this
+                     host) map the hand-offs from the server's shared memory
+  flightcache-noshm  the same with shared-memory reads off (FLIGHTCACHE_SHM=0): they stream over Flight
   flightcache-async  through the cache with write-back persistence to the shaped S3
 
 Every mode reads the raw logs from the same S3 endpoint it hands off through (the shaped "cloud"
@@ -40,7 +42,8 @@ import logs  # noqa: E402
 from _common import machine_info, progress, start_proxy, write_json  # noqa: E402
 from common import flightcache_server, moto_s3  # noqa: E402
 
-MODES = ("s3-cloud", "s3-local", "local", "flightcache", "flightcache-async")
+MODES = ("s3-cloud", "s3-local", "local", "flightcache", "flightcache-noshm", "flightcache-async")
+READ_STAGES = ("parse", "sessionize", "report")  # the stages that read an earlier stage's hand-off
 BASE_ROWS = 250_000
 
 
@@ -57,7 +60,7 @@ def run_once(mode: str, args: argparse.Namespace, env: dict[str, str], work: Pat
     """One pipeline run in ``mode``; returns total and per-stage times, and the cache's memory peak."""
     handoff = {"s3-cloud": "s3", "s3-local": "s3", "local": "local"}.get(mode, "flightcache")
     endpoint = env["AWS_ENDPOINT_URL_DIRECT"] if mode == "s3-local" else env["AWS_ENDPOINT_URL_SHAPED"]
-    run_env = {**env, "AWS_ENDPOINT_URL": endpoint}
+    run_env = {**env, "AWS_ENDPOINT_URL": endpoint, "FLIGHTCACHE_SHM": "0" if mode == "flightcache-noshm" else "1"}
     common = {
         "rows": args.rows,
         "files": args.files,
@@ -107,6 +110,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "stages": stages,
         "stage_means_s": {k: statistics.fmean(v["wall_s"]) for k, v in stages.items()},
         "server_peak_rss_bytes": max(peaks) if peaks else None,
+        "runs": [{"stages": [{k: st[k] for k in ("stage", "wall_s")} for st in r["stages"]]} for r in runs],
     }
     durable = [r["durable_after_s"] for r in runs if "durable_after_s" in r]
     if durable:
@@ -129,6 +133,23 @@ def targets(s: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "flightcache" in s and "local" in s:
         ratio = s["flightcache"]["mean_s"] / s["local"]["mean_s"]
         out["flightcache_no_slower_than_local"] = {"ratio": round(ratio, 3), "met": ratio <= 1.0}
+    if "flightcache" in s and "flightcache-noshm" in s:
+        paired = [
+            sum(b["wall_s"] for b in without["stages"] if b["stage"] in READ_STAGES)
+            / sum(a["wall_s"] for a in with_["stages"] if a["stage"] in READ_STAGES)
+            for with_, without in zip(s["flightcache"]["runs"], s["flightcache-noshm"]["runs"], strict=True)
+        ]
+        out["flightcache_shm_read_stages_faster"] = {
+            "target": "the stages that read hand-offs (parse, sessionize, report) faster with shared-memory reads "
+            "than streaming them over Flight, in every pair of adjacent runs",
+            "speedup": round(statistics.median(paired), 3),
+            "min_paired_speedup": round(min(paired), 3),
+            "per_stage": {
+                k: round(s["flightcache-noshm"]["stage_means_s"][k] / s["flightcache"]["stage_means_s"][k], 3)
+                for k in READ_STAGES
+            },
+            "met": min(paired) > 1.0,
+        }
     if "flightcache" in s and "flightcache-async" in s:
         ratio = s["flightcache-async"]["mean_s"] / s["flightcache"]["mean_s"]
         out["flightcache_async_within_15pct"] = {"ratio": round(ratio, 3), "met": ratio <= 1.15}
@@ -204,6 +225,12 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny scale, one run per mode, no warm-up")
     parser.add_argument("--out", help="output directory (default: bench_results, or a temp dir with --quick)")
+    parser.add_argument(
+        "--json-name",
+        default="pipeline",
+        help="results file name, without .json; a run of some modes only can leave the full run's file alone "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.runs, args.warmup, args.scale, args.files = 1, 0, 0.08, 2
@@ -269,13 +296,13 @@ def main() -> int:
         "targets": targets(summary),
         "elapsed_s": time.perf_counter() - started,
     }
-    write_json(out_dir / "pipeline.json", result)
+    write_json(out_dir / f"{args.json_name}.json", result)
     plot(
         summary,
-        out_dir / "pipeline.png",
+        out_dir / f"{args.json_name}.png",
         f"log pipeline, {args.rows:,} rows, {args.runs} runs per mode after {args.warmup} warm-up, 2 cores",
     )
-    progress(f"wrote {out_dir / 'pipeline.json'} and pipeline.png in {result['elapsed_s']:.0f}s")
+    progress(f"wrote {out_dir / args.json_name}.json and .png in {result['elapsed_s']:.0f}s")
     print(f"{'mode':<18} {'mean s':>8} {'stddev':>8} {'cv':>6}  stages (mean s)")
     for m, s in summary.items():
         print(

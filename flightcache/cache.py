@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import DatasetNotFoundError, FlightcacheError, InvalidRequestError, NotInMemoryError, StorageError
+from .shm import SharedMemory
 from .storage import Storage, read_external
 from .store import (
     IN_STORAGE_ONLY,
@@ -76,9 +77,13 @@ class Cache:
         persist: str = "none",
         persist_threads: int = 2,
         sweep_seconds: float = 1.0,
+        shm: SharedMemory | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
+        self.shm = shm  # where the store keeps batches for same-host readers (None: process memory)
+        if shm is not None:
+            store.files = shm
         self.default_persist = "none"
         self.default_persist = self._persist_mode(persist)
         store.on_full = self.make_room
@@ -146,6 +151,8 @@ class Cache:
             self.flush()
         if self._pool is not None:
             self._pool.shutdown(wait=flush, cancel_futures=not flush)
+        if self.shm is not None:
+            self.shm.close()
 
     def flush(self) -> None:
         """Wait until every pending write-back has finished (successfully or not)."""

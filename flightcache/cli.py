@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $FLIGHTCACHE_LOG_FORMAT or %(default)s)",
     )
 
+    serve.add_argument(
+        "--shm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="keep datasets in shared memory (/dev/shm) so that clients on this host map them instead of "
+        "streaming them; auto: on when /dev/shm has room for the memory limit (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shm-group", help="let this group read the shared-memory files too (default: only the server's user)"
+    )
+
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
 
     info = sub.add_parser(
@@ -368,6 +379,8 @@ def serve(args: argparse.Namespace) -> int:
         persist=args.persist,
         endpoint_bytes=parse_bytes(args.endpoint_bytes),
         **security,
+        shm=args.shm,
+        shm_group=args.shm_group,
     )
     auth = security["auth"]
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -427,6 +440,7 @@ def serve(args: argparse.Namespace) -> int:
             "recovered": recovered,
             "auth": auth.summary() if auth else None,
             "metrics": metrics.url if metrics else None,
+            "shm": str(server.cache.shm.dir) if server.cache.shm else None,
         },
         f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, {where}, "
         f"pid {os.getpid()}" + (f", metrics at {metrics.url})" if metrics else ")"),

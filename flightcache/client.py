@@ -35,11 +35,13 @@ from .protocol import (
     PersistRequest,
     PutOptions,
     ReadRequest,
+    ShmRequest,
     Ticket,
     _Message,
     encode_schema,
     error_from_flight,
 )
+from .shm import SharedVersion, read_shared
 from .store import DEFAULT_BATCH_ROWS, validate_name
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
@@ -48,6 +50,11 @@ Progress = Callable[[int, int], None]  # (rows, bytes) just transferred
 
 def default_uri() -> str:
     return os.environ.get("FLIGHTCACHE_URI") or DEFAULT_URI
+
+
+def default_shm() -> bool:
+    """Whether clients map same-host data from shared memory: yes unless $FLIGHTCACHE_SHM is 0, false or off."""
+    return os.environ.get("FLIGHTCACHE_SHM", "").strip().lower() not in ("0", "false", "off", "no")
 
 
 def connect(uri: str | None = None, **kwargs: Any) -> Client:
@@ -61,7 +68,11 @@ def connect(uri: str | None = None, **kwargs: Any) -> Client:
 
 
 class Client:
-    """Put, get, list, describe and drop datasets on a flightcache server."""
+    """Put, get, list, describe and drop datasets on a flightcache server.
+
+    ``shm``: on the server's host, reads map the data from its shared memory instead of streaming it
+    (default: on, unless $FLIGHTCACHE_SHM is 0); elsewhere they stream it as usual.
+    """
 
     def __init__(
         self,
@@ -74,6 +85,7 @@ class Client:
         timeout: float | None = None,
         parallelism: int = 4,
         batch_rows: int = DEFAULT_BATCH_ROWS,
+        shm: bool | None = None,
     ) -> None:
         self.uri = uri or default_uri()
         if username is not None and (password is None or token is not None):
@@ -86,9 +98,11 @@ class Client:
         self.timeout = timeout
         self.parallelism = max(1, parallelism)
         self.batch_rows = batch_rows
+        self.shm = default_shm() if shm is None else shm
         self._conn: flight.FlightClient | None = None
         self._pid = -1
         self._workers: ThreadPoolExecutor | None = None  # kept: fresh threads per get page-fault their memory in again
+        self._no_shm_pid = -1  # the process in which shared memory proved unreachable
 
     # -- connection, pickling --------------------------------------------------------------
 
@@ -102,6 +116,7 @@ class Client:
             "timeout": self.timeout,
             "parallelism": self.parallelism,
             "batch_rows": self.batch_rows,
+            "shm": self.shm,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -284,8 +299,14 @@ class Client:
         """Read dataset ``name`` as a pyarrow Table, fetching its endpoints in parallel.
 
         ``columns`` projects; ``filter`` is a pyarrow compute expression or the string form
-        (``"status >= 500 and method == 'GET'"``, see ``flightcache.filters``), applied on the server.
+        (``"status >= 500 and method == 'GET'"``, see ``flightcache.filters``), applied on the server, or
+        here on a zero-copy mapping when the client shares the server's host (see ``shm``).
         """
+        table = self._read_shared(name, columns, filter, version)
+        if table is not None:
+            if progress is not None:
+                progress(table.num_rows, table.nbytes)
+            return table
         info = self.flight_info(name, columns, filter, version)
 
         def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
@@ -310,6 +331,10 @@ class Client:
         version: int | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """Yield the record batches of a read one endpoint after another (bounded memory)."""
+        table = self._read_shared(name, columns, filter, version)
+        if table is not None:
+            yield from table.to_batches()
+            return
         info = self.flight_info(name, columns, filter, version)
         for endpoint in info.endpoints:
             stream = self._call(lambda e=endpoint: self.flight.do_get(e.ticket, self._options()))
@@ -320,6 +345,37 @@ class Client:
                     break
                 if chunk.data is not None:
                     yield chunk.data
+
+    def shared(self, name: str, version: int | None = None) -> SharedVersion | None:
+        """A version mapped zero-copy from the server's shared memory; None when this client cannot map
+        it (another host, shared memory off, the file gone): then read it with ``get`` or ``do_get``."""
+        if not self.shm or self._no_shm_pid == os.getpid():
+            return None
+        try:
+            answer = self._action("shm", ShmRequest(validate_name(name), version))
+        except InvalidRequestError:  # a server that predates shared-memory reads: unknown action
+            self._no_shm_pid = os.getpid()
+            return None
+        if answer["files"] is None:
+            if not answer.get("enabled", True):
+                self._no_shm_pid = os.getpid()  # the server keeps nothing in shared memory
+            return None
+        shared = read_shared(answer)
+        if shared is None and answer["files"] and not os.path.isdir(os.path.dirname(answer["files"][0]["path"])):
+            self._no_shm_pid = os.getpid()  # another host (or /dev/shm namespace): stream from now on
+        return shared
+
+    def _read_shared(
+        self, name: str, columns: list[str] | None, filter: str | pc.Expression | None, version: int | None
+    ) -> pa.Table | None:
+        expression = parse_filter(filter) if isinstance(filter, str) else filter  # syntax errors before any call
+        shared = self.shared(name, version)
+        if shared is None:
+            return None
+        try:
+            return shared.table(columns, expression)
+        except (pa.ArrowException, KeyError):
+            return None  # an unknown column or a filter that does not bind: the server words the error
 
     def to_pandas(
         self, name: str, columns: list[str] | None = None, filter: str | pc.Expression | None = None, **kwargs: Any

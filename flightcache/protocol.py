@@ -54,6 +54,9 @@ ACTIONS: dict[str, str] = {
     "pin": 'Keep a dataset in memory: never evicted. Body: {"name": NAME} or the bare name.',
     "unpin": 'Let a pinned dataset be evicted again. Body: {"name": NAME} or the bare name.',
     "evict": 'Free the memory of a persisted dataset (it stays in storage). Body: {"name": NAME} or the bare name.',
+    "shm": "Where a version's batches are in shared memory, for a client on the same host to map: "
+    '{"name", "version", "rows", "schema", "files": [{"path", "nonce"}, ...]}, "files" null when it is not '
+    'there. Body: {"name": NAME, "version": N (default: the current one)}.',
 }
 
 
@@ -257,6 +260,17 @@ class PersistRequest(_Message):
 
 
 @dataclass(frozen=True)
+class ShmRequest(_Message):
+    """Ask where a version's batches are in shared memory (``flightcache.shm``)."""
+
+    name: str
+    version: int | None = None
+
+    _types = {"name": (str,), "version": (int,)}
+    _what = "shm request"
+
+
+@dataclass(frozen=True)
 class AbortRequest(_Message):
     """Discard the staged parts of a transaction."""
 
@@ -268,6 +282,10 @@ class AbortRequest(_Message):
 
 def encode_schema(schema: pa.Schema) -> str:
     return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def decode_schema(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text, validate=True)))
 
 
 def action_name(body: bytes, action: str) -> str:

@@ -36,11 +36,14 @@ from .protocol import (
     PersistRequest,
     PutOptions,
     ReadRequest,
+    ShmRequest,
     Ticket,
     action_name,
     descriptor_name,
+    encode_schema,
     error_to_flight,
 )
+from .shm import resolve as resolve_shm
 from .sql import SqlLimits, SqlService
 from .storage import Storage, redacted
 from .store import PERSIST_FAILED, Store, Version, batch_nbytes
@@ -121,10 +124,14 @@ class FlightcacheServer(flight.FlightServerBase):
         sql_limits: SqlLimits | None = None,
         auth: Auth | None = None,
         limits: Limits | None = None,
+        shm: str = "auto",
+        shm_group: str | None = None,
         **kwargs: Any,
     ) -> None:
         if cache is None:
-            cache = Cache(store if store is not None else Store(memory_limit), storage, persist=persist)
+            store = store if store is not None else Store(memory_limit)
+            shared = resolve_shm(shm, store.memory_limit, group=shm_group)  # auto|on|off; see flightcache.shm
+            cache = Cache(store, storage, persist=persist, shm=shared)
             cache.recover()
         sql = SqlService(cache, sql_limits)
         self.ops = Operations({*ACTIONS, *(name for name, _ in sql.list_actions())})
@@ -151,6 +158,7 @@ class FlightcacheServer(flight.FlightServerBase):
             "puts_aborted": 0,
             "bytes_served": 0,
             "bytes_received": 0,
+            "shm_reads": 0,
         }
         self.started = time.time()
 
@@ -367,6 +375,8 @@ class FlightcacheServer(flight.FlightServerBase):
             result = self.store.info(action_name(body, kind)).to_dict()
         elif kind == "list":
             result = [i.to_dict() for i in self.store.list()]
+        elif kind == "shm":
+            result = self._shm(ShmRequest.from_bytes(body))
         elif kind == "commit":
             c = CommitRequest.from_bytes(body)
             version = self.cache.commit(
@@ -387,6 +397,26 @@ class FlightcacheServer(flight.FlightServerBase):
         if isinstance(result, dict) and isinstance(result.get("name"), str):
             note(context, dataset=result["name"])
         return [json.dumps(result).encode()]
+
+    def _shm(self, request: ShmRequest) -> dict[str, Any]:
+        """The shared-memory files of a version still held (loading it on a miss), or "files": null."""
+        shm = self.cache.shm
+        if shm is None:
+            return {"name": request.name, "files": None, "enabled": False}
+        # A hit, or a miss that loads it; a client that falls back to do_get adds a hit of its own.
+        version = self.cache.get(request.name, request.version, count=True)
+        files = shm.describe(version.files) if version.in_files else None
+        if files is not None:  # a fallback to do_get counts its own
+            self._count(gets=1, shm_reads=1, bytes_served=version.nbytes)
+            self.store.count(version.name, bytes_served=version.nbytes)
+        return {
+            "name": version.name,
+            "version": version.number,
+            "rows": version.num_rows,
+            "batches": len(version.batches),
+            "schema": encode_schema(version.schema),
+            "files": files,
+        }
 
     def _load(self, request: LoadRequest) -> Iterator[bytes]:
         """Run a load in a worker thread, streaming {"progress": ...} results, then the summary."""

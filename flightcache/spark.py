@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .client import Client, default_uri, read_ca
+from .client import Client, default_shm, default_uri, read_ca
 from .errors import (
     DatasetExistsError,
     DatasetNotFoundError,
@@ -44,7 +44,7 @@ from .errors import (
     require,
 )
 from .filters import parse_filter
-from .protocol import error_from_flight
+from .protocol import Ticket, error_from_flight
 from .store import validate_name
 
 require("pyspark", "spark")
@@ -102,7 +102,7 @@ FORMAT = "flightcache"
 PUSHDOWN_CONF = "spark.sql.python.filterPushdown.enabled"
 IF_EXISTS = ("error", "ignore")
 # Spark redacts the values of options named like "token" in plans and its UI (spark.redaction.regex).
-OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist", "token", "tls_ca")
+OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist", "token", "tls_ca", "shm")
 DRIVER_ENV = ("FLIGHTCACHE_URI", "FLIGHTCACHE_TOKEN", "FLIGHTCACHE_TLS_CA")
 PERSIST = ("none", "sync", "async")
 
@@ -140,6 +140,7 @@ class _Options:
     persist: str | None = None
     token: str | None = field(default=None, repr=False)
     tls_ca: bytes | None = field(default=None, repr=False)
+    shm: bool = True
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> _Options:
@@ -165,10 +166,10 @@ class _Options:
                 "(or leave it out to follow the save mode, append or overwrite)"
             )
         pushdown = (options.get("pushdown") or "false").lower()
-        if pushdown not in ("true", "false"):
-            raise InvalidRequestError(
-                f"option pushdown={options['pushdown']!r} for dataset {name!r}: use true or false"
-            )
+        shm = (options.get("shm") or str(default_shm())).lower()
+        for key, value in (("pushdown", pushdown), ("shm", shm)):
+            if value not in ("true", "false"):
+                raise InvalidRequestError(f"option {key}={options[key]!r} for dataset {name!r}: use true or false")
         text = options.get("filter") or None
         if text is not None:
             parse_filter(text)  # a syntax error is reported before any job starts
@@ -188,10 +189,11 @@ class _Options:
             persist,
             options.get("token") or os.environ.get("FLIGHTCACHE_TOKEN") or None,
             read_ca(options.get("tls_ca") or os.environ.get("FLIGHTCACHE_TLS_CA") or None),
+            shm == "true",
         )
 
     def client(self) -> Client:
-        return Client(self.uri, token=self.token, tls_ca=self.tls_ca)
+        return Client(self.uri, token=self.token, tls_ca=self.tls_ca, shm=self.shm)
 
     @contextmanager
     def context(self, doing: str) -> Iterator[None]:
@@ -435,9 +437,13 @@ class _Reader(DataSourceReader):
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
         assert isinstance(partition, _Endpoint)
+        client = self.options.client()
         try:
             with self.options.context("read"):
-                for batch in self.options.client().flight.do_get(flight.Ticket(partition.ticket)).to_reader():
+                batches = _shared_batches(client, partition.ticket)
+                if batches is None:
+                    batches = client.flight.do_get(flight.Ticket(partition.ticket)).to_reader()
+                for batch in batches:
                     if batch.num_rows:
                         yield _conform(batch, self.target)
         except DatasetNotFoundError as e:
@@ -445,6 +451,25 @@ class _Reader(DataSourceReader):
                 f"{e} (a DataFrame reads the version that was current when its query was planned; "
                 "load() it again to read the current one)"
             ) from None
+
+
+def _shared_batches(client: Client, ticket: bytes) -> list[pa.RecordBatch] | None:
+    """The ticket's batches mapped from the server's shared memory, projected and filtered here; None if
+    this worker cannot map them (another host, shared memory off)."""
+    t = Ticket.from_bytes(ticket)
+    shared = client.shared(t.name, t.version)
+    if shared is None:
+        return None
+    try:
+        if t.filter is not None:
+            expression: pc.Expression | None = parse_filter(t.filter)
+        elif t.filter_substrait is not None:
+            expression = pc.Expression.from_substrait(t.read_request().substrait_bytes())
+        else:
+            expression = None
+        return shared.table(t.columns, expression, (t.start, t.end)).to_batches()
+    except pa.ArrowException:
+        return None  # the server applies it, and words any error
 
 
 class _PushdownReader(_Reader):

@@ -6,6 +6,10 @@ coalescing, scanning) happens outside the catalog lock; the lock only guards the
 Memory is accounted in Arrow buffer bytes. A buffer shared by two versions (an append keeps the old
 batches) or by two datasets is counted once, by address, through a reference count.
 
+Batches can live in files instead of process memory (shared memory, see ``shm``): the store is
+given ``files``, which opens a ``BatchFile`` per put; the store counts the references to each
+file as it counts buffers, and hands a file back to ``files.remove`` when no version uses it.
+
 A version that is replaced stays readable for ``retain_seconds`` so that a reader holding a ticket
 for version N can finish it while N+1 is published (snapshot reads). Retained versions count
 against the memory limit and are the first thing released when room is needed.
@@ -18,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -143,6 +148,24 @@ def _children(arr: pa.Array) -> list[pa.Array]:
     return []
 
 
+class BatchFile(Protocol):
+    """Where one put's batches are kept instead of process memory."""
+
+    token: str  # names the file to ``BatchFiles.remove``
+
+    def keep(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Store ``batch``; return it as now held (aligned, zero-copy from the file)."""
+        ...
+
+    def finish(self) -> None: ...  # complete; idempotent
+    def discard(self) -> None: ...  # nothing will use it: close and remove
+
+
+class BatchFiles(Protocol):
+    def open(self, name: str, schema: pa.Schema) -> BatchFile | None: ...  # None: keep in memory
+    def remove(self, token: str) -> None: ...  # quick: called under the store's lock
+
+
 @dataclass(frozen=True)
 class Version:
     """One immutable version of a dataset."""
@@ -154,6 +177,8 @@ class Version:
     num_rows: int
     nbytes: int
     created: float
+    files: tuple[str, ...] = ()  # the batch files behind ``batches``, in order
+    in_files: bool = False  # whether every batch is in ``files``
 
     def table(self) -> pa.Table:
         return pa.Table.from_batches(self.batches, self.schema)
@@ -262,6 +287,7 @@ class Store:
         clock: Callable[[], float] = time.time,
         on_full: Callable[[int], int] | None = None,
         max_datasets: int | None = None,
+        files: BatchFiles | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
@@ -272,10 +298,12 @@ class Store:
         self._clock = clock
         self.on_full = on_full  # called (without the lock) with the shortfall; returns bytes it freed
         self.max_datasets = max_datasets  # bound on names in the catalog (memory and storage-only)
+        self.files = files
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._retained: list[_Retained] = []
         self._refs: dict[int, list[int]] = {}  # address -> [size, count]
+        self._file_refs: dict[str, int] = {}  # batch file token -> versions using it
         self._used = 0  # bytes of buffers held by published and retained versions
         self._staged = 0  # bytes of puts in progress
         self._next_version: dict[str, int] = {}
@@ -369,11 +397,13 @@ class Store:
                 raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} has no part(s) {unknown}")
             chosen = [t.parts.pop(k) for k in keys]
         finally:
-            self._unreserve(sum(p.nbytes for p in t.parts.values()))  # parts not chosen
+            self._discard_parts(t.parts.values())  # parts not chosen
         combined = StagedPut(self, name, t.schema, mode)
         combined.batches = [b for p in chosen for b in p.batches]
         combined.nbytes = sum(p.nbytes for p in chosen)
         combined.num_rows = sum(p.num_rows for p in chosen)
+        combined.files = [f for p in chosen for f in p.files]
+        combined.in_files = all(p.in_files for p in chosen)
         return combined
 
     def abort(self, txn: str) -> int:
@@ -383,8 +413,14 @@ class Store:
             self._aborted[txn] = self._clock() + self.txn_timeout
         if t is None:
             return 0
-        self._unreserve(sum(p.nbytes for p in t.parts.values()))
+        self._discard_parts(t.parts.values())
         return len(t.parts)
+
+    def _discard_parts(self, parts: Iterable[StagedPut]) -> None:
+        parts = list(parts)
+        self._unreserve(sum(p.nbytes for p in parts))
+        for f in (f for p in parts for f in p.files):
+            f.discard()
 
     def _check_mode(self, name: str, schema: pa.Schema, mode: str) -> None:
         entry = self._entries.get(name)
@@ -422,10 +458,14 @@ class Store:
             self._check_room_for(staged.name)
             entry = self._entries.get(staged.name)
             batches = tuple(staged.batches)
+            files = tuple(f.token for f in staged.files)
+            in_files = staged.in_files
             if staged.mode == "append" and entry is not None:
                 if entry.current is None:
                     raise NotInMemoryError(f"dataset {staged.name!r} must be loaded before an append")
                 batches = entry.current.batches + batches
+                files = entry.current.files + files
+                in_files = in_files and entry.current.in_files
             expected = self._next_version.get(staged.name, 1)
             if number is not None and number != expected:
                 raise InvalidRequestError(f"version {number} of {staged.name!r} is taken; next is {expected}")
@@ -439,8 +479,10 @@ class Store:
                 num_rows=sum(b.num_rows for b in batches),
                 nbytes=sum(sizes.values()),
                 created=self._clock(),
+                files=files,
+                in_files=in_files,
             )
-            self._acquire(sizes)
+            self._acquire(sizes, files)
             self._staged -= staged.nbytes
             self._next_version[staged.name] = number + 1
             if entry is None:
@@ -459,16 +501,26 @@ class Store:
             for batch in table.to_batches():
                 staged.add(batch)
             staged._flush_pending()
+            staged._finish_files()
             with self._lock:
                 entry = self._entries.get(name)
                 if entry is None or entry.current is not None or entry.stored is None or entry.stored.number != number:
                     raise InvalidRequestError(f"dataset {name!r} changed while version {number} was loading")
                 batches = tuple(staged.batches)
                 sizes = buffer_sizes(batches)
+                files = tuple(f.token for f in staged.files)
                 version = Version(
-                    name, number, table.schema, batches, table.num_rows, sum(sizes.values()), entry.stored.created
+                    name,
+                    number,
+                    table.schema,
+                    batches,
+                    table.num_rows,
+                    sum(sizes.values()),
+                    entry.stored.created,
+                    files,
+                    staged.in_files,
                 )
-                self._acquire(sizes)
+                self._acquire(sizes, files)
                 self._staged -= staged.nbytes
                 staged._done = True
                 entry.current, entry.stored = version, None
@@ -776,7 +828,7 @@ class Store:
 
     # -- accounting ------------------------------------------------------------------------
 
-    def _acquire(self, sizes: dict[int, int]) -> None:
+    def _acquire(self, sizes: dict[int, int], files: tuple[str, ...]) -> None:
         for address, size in sizes.items():
             ref = self._refs.get(address)
             if ref is None:
@@ -784,6 +836,8 @@ class Store:
                 self._used += size
             else:
                 ref[1] += 1
+        for token in files:
+            self._file_refs[token] = self._file_refs.get(token, 0) + 1
 
     def _release(self, version: Version) -> None:
         for address in buffer_sizes(version.batches):
@@ -792,6 +846,12 @@ class Store:
             if ref[1] == 0:
                 del self._refs[address]
                 self._used -= ref[0]
+        for token in version.files:
+            self._file_refs[token] -= 1
+            if self._file_refs[token] == 0:
+                del self._file_refs[token]
+                if self.files is not None:
+                    self.files.remove(token)
 
     def _retire(self, version: Version) -> None:
         if self.retain_seconds > 0:
@@ -833,6 +893,9 @@ class StagedPut:
     _pending_bytes: int = 0
     _seen: set[int] = field(default_factory=set)
     _done: bool = False
+    files: list[BatchFile] = field(default_factory=list)  # finished at publish; the version then owns them
+    in_files: bool = True  # every batch so far is in ``files``
+    _file: BatchFile | None = None  # this put's own file, opened at its first batch
 
     def add(self, batch: pa.RecordBatch) -> None:
         """Add one batch: large ones are sliced (no copy), runs of small ones coalesced."""
@@ -846,6 +909,10 @@ class StagedPut:
         rows = self.store.batch_rows
         if batch.num_rows >= rows // 4:
             self._flush_pending()
+            if self._to_file():  # the file write is the copy that aligns; each slice is written once
+                for offset in range(0, batch.num_rows, rows):
+                    self._keep(self._file.keep(batch.slice(offset, rows)))  # type: ignore[union-attr]
+                return
             batch = aligned(batch)
             if batch.num_rows <= rows:
                 self._keep(batch)
@@ -865,10 +932,29 @@ class StagedPut:
         if not self._pending:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
-        merged = aligned(pending[0]) if len(pending) == 1 else pa.concat_batches(pending)  # concat copies
+        merged = pending[0] if len(pending) == 1 else pa.concat_batches(pending)  # concat copies
+        if self._to_file():
+            merged = self._file.keep(merged)  # type: ignore[union-attr]
+        elif len(pending) == 1:
+            merged = aligned(merged)
         self.store._unreserve(self._pending_bytes)
         self._pending_bytes = 0
         self._keep(merged)
+
+    def _to_file(self) -> bool:
+        """Whether batches go to this put's file (opened on first use) rather than process memory."""
+        if self._file is None and self.in_files:
+            files = self.store.files
+            self._file = files.open(self.name, self.schema) if files is not None else None
+            if self._file is None:
+                self.in_files = False
+            else:
+                self.files.append(self._file)
+        return self._file is not None
+
+    def _finish_files(self) -> None:
+        for f in self.files:
+            f.finish()
 
     def _keep(self, batch: pa.RecordBatch) -> None:
         new = {a: s for a, s in buffer_sizes([batch]).items() if a not in self._seen}
@@ -885,6 +971,7 @@ class StagedPut:
         if self._done:
             raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
         try:
+            self._finish_files()
             version = self.store._publish(self, number)
         except BaseException:
             self.abort()
@@ -899,6 +986,7 @@ class StagedPut:
         if self._done:
             raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
         try:
+            self._finish_files()
             part = self.store._stage_part(txn, self)
         except BaseException:
             self.abort()
@@ -913,6 +1001,8 @@ class StagedPut:
         self._done = True
         self.store._unreserve(self.nbytes + self._pending_bytes)
         self.batches, self._pending, self._pending_bytes = [], [], 0
+        for f in self.files:
+            f.discard()
 
 
 def _show(schema: pa.Schema) -> str:

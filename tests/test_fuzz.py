@@ -314,6 +314,7 @@ ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "list": None,
     "stats": None,
     "healthcheck": None,
+    "shm": {"name": SENTINEL},
     "pin": {"name": "fuzz/a"},
     "unpin": {"name": "fuzz/a"},
     "evict": {"name": "fuzz/a"},

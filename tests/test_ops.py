@@ -40,7 +40,8 @@ def tiered(tmp_path: Path) -> Iterator[FlightcacheServer]:
 
 @pytest.fixture
 def fc(tiered: FlightcacheServer) -> Iterator[flightcache.Client]:
-    with flightcache.connect(f"grpc://127.0.0.1:{tiered.port}") as c:
+    # shm=False: these tests count the streaming RPCs (get_flight_info, do_get); test_shm covers the shm action
+    with flightcache.connect(f"grpc://127.0.0.1:{tiered.port}", shm=False) as c:
         yield c
 
 
@@ -252,7 +253,7 @@ def test_ping_command(served: tuple[str, Any]) -> None:
 def test_stats_command_tables(served: tuple[str, Any]) -> None:
     """flightcache stats: figures with the hit ratio, a table of calls with latencies, one row per dataset."""
     uri, _ = served
-    with flightcache.connect(uri) as c:
+    with flightcache.connect(uri, shm=False) as c:
         c.put("logs/raw", logs_table(100))
         c.get("logs/raw")
     r = run_cli("stats", "--uri", uri)
@@ -308,7 +309,7 @@ def test_sigterm_drains_finishes_reads_refuses_new_calls_and_flushes(tmp_path: P
             stderr=err,
         )
     uri = ready["uri"]
-    with flightcache.connect(uri) as fc:
+    with flightcache.connect(uri, shm=False) as fc:
         big = pa.table({"x": pa.array(range(8_000_000), pa.int64())})  # 64 MB: more than gRPC buffers
         fc.put("big", big, persist="none")
         assert scrape(ready["metrics"])[("flightcache_datasets", (("state", "memory-only"),))] == 1

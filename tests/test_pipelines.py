@@ -21,13 +21,20 @@ def _run(*args: str, cwd: Path) -> str:
 
 
 def test_pipeline_benchmark_quick_all_modes_identical(tmp_path: Path) -> None:
-    """bench/pipeline.py --quick: the log pipeline in all five hand-off modes (flightcache, s3 shaped
-    and unshaped, local, flightcache with write-back) gives identical reports, and the JSON the
-    benchmark writes has what the README table is made from."""
+    """bench/pipeline.py --quick: the log pipeline in all six hand-off modes (flightcache with and
+    without shared-memory reads, s3 shaped and unshaped, local, flightcache with write-back) gives
+    identical reports, and the JSON the benchmark writes has what the README table is made from."""
     _run(str(ROOT / "bench" / "pipeline.py"), "--quick", "--out", str(tmp_path), cwd=tmp_path)
     result = json.loads((tmp_path / "pipeline.json").read_text())
     assert result["reports_identical"] is True and result["report_rows"] > 0
-    assert set(result["modes"]) == {"s3-cloud", "s3-local", "local", "flightcache", "flightcache-async"}
+    assert set(result["modes"]) == {
+        "s3-cloud",
+        "s3-local",
+        "local",
+        "flightcache",
+        "flightcache-noshm",
+        "flightcache-async",
+    }
     for mode in result["modes"].values():
         assert len(mode["total_s"]) == 1
         assert set(mode["stage_means_s"]) == {"ingest", "parse", "sessionize", "report"}

@@ -207,6 +207,7 @@ READS: dict[str, Callable[..., object]] = {
     "action_list": _action("list"),
     "action_stats": _action("stats"),
     "action_healthcheck": _action("healthcheck"),
+    "action_shm": _action("shm", {"name": "t/a"}),
     "sql_query": _info(flight.FlightDescriptor.for_command(fsql.SqlRequest('SELECT * FROM "t/a"').to_command())),
     "sql_do_get": lambda c, o, s: c.do_get(flight.Ticket(s.sql_ticket), o).read_all(),
     "flightsql_statement_query": _sql_query('SELECT count(*) FROM "t/b"'),
