@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,12 +158,6 @@ class BareServer(flight.FlightServerBase):
                 self.kept.append(chunk.data)
 
 
-def release_memory() -> None:
-    """Hand memory the process has freed back to the OS: the Arrow pool's, then glibc's."""
-    pa.default_memory_pool().release_unused()
-    malloc_trim()
-
-
 def malloc_trim() -> bool:
     try:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
@@ -174,32 +165,9 @@ def malloc_trim() -> bool:
         return False
 
 
-def defer_pyarrow_dataset() -> None:
-    """What-if: make ``import pyarrow.dataset`` lazy, as if flightcache.store imported it in ``scan`` only."""
-    lock, real = threading.Lock(), {}
-
-    class Deferred(types.ModuleType):
-        def __getattr__(self, attr: str) -> Any:
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            with lock:
-                if not real:
-                    del sys.modules["pyarrow.dataset"]
-                    real["module"] = importlib.import_module("pyarrow.dataset")
-            return getattr(real["module"], attr)
-
-    module = Deferred("pyarrow.dataset")
-    module.__spec__ = None
-    sys.modules["pyarrow.dataset"] = module
-
-
 def flightcache_server(spec: dict[str, Any]) -> flight.FlightServerBase:
-    """flightcache as shipped plus a 'bench.memory' action. With spec['what_if'], the RSS fixes the
-    report recommends, patched in: pyarrow.dataset imported lazily, and freed memory handed back to the
-    OS after each put and drop."""
-    what_if = bool(spec.get("what_if"))
-    if what_if:
-        defer_pyarrow_dataset()
+    """flightcache as shipped plus a 'bench.memory' action (Arrow pool bytes, shared-memory file bytes)."""
+    from flightcache.cache import release_memory
     from flightcache.server import FlightcacheServer
     from flightcache.store import Store
 
@@ -209,18 +177,11 @@ def flightcache_server(spec: dict[str, Any]) -> flight.FlightServerBase:
                 if action.body.to_pybytes() == b"trim":
                     release_memory()
                 pool = pa.default_memory_pool()
+                shm = self.cache.shm
+                shm_bytes = sum(f.stat().st_size for f in shm.dir.iterdir()) if shm is not None else 0
                 return [json.dumps({"arrow_pool_bytes": pool.bytes_allocated(), "pool": pool.backend_name,
-                                    "pandas_loaded": "pandas" in sys.modules}).encode()]
-            result = super().do_action(context, action)
-            if what_if and action.type == "drop":
-                release_memory()
-            return result
-
-        def do_put(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor,
-                   reader: flight.MetadataRecordBatchReader, writer: flight.FlightMetadataWriter) -> None:
-            super().do_put(context, descriptor, reader, writer)
-            if what_if:
-                release_memory()
+                                    "pandas_loaded": "pandas" in sys.modules, "shm_bytes": shm_bytes}).encode()]
+            return super().do_action(context, action)
 
     store = Store(memory_limit=None, batch_rows=spec["batch_rows"])
     return BenchFlightcacheServer("grpc://127.0.0.1:0", store=store, endpoint_bytes=spec["endpoint_bytes"],
@@ -284,7 +245,9 @@ class ServerProcess:
             answer = next(iter(conn.do_action(flight.Action("bench.memory", b"trim" if trim else b""))))
         finally:
             conn.close()
-        return {**json.loads(answer.body.to_pybytes()), "rss": self.rss}
+        assert self.proc is not None
+        shmem = rss_bytes(self.proc.pid, "RssShmem")
+        return {**json.loads(answer.body.to_pybytes()), "rss": self.rss, "rss_shmem": shmem}
 
     def stop(self) -> None:
         if self.proc is None:
@@ -401,8 +364,8 @@ def measure(configs: list[Config], nbytes: int, reps: int, servers: list[ServerP
 # -- the run -------------------------------------------------------------------------------------
 
 
-def fc_spec(batch_rows: int, endpoint_bytes: int, what_if: bool = False, shm: bool = False) -> dict[str, Any]:
-    return {"kind": "flightcache", "batch_rows": batch_rows, "endpoint_bytes": endpoint_bytes, "what_if": what_if,
+def fc_spec(batch_rows: int, endpoint_bytes: int, shm: bool = False) -> dict[str, Any]:
+    return {"kind": "flightcache", "batch_rows": batch_rows, "endpoint_bytes": endpoint_bytes,
             "shm": shm}
 
 
@@ -515,31 +478,37 @@ def _label(rows: int) -> str:
 
 
 def rss_figures(arrow_bytes: int, rss: dict[str, Any]) -> dict[str, Any]:
-    """Raw figures plus, for each, total RSS / Arrow bytes and (RSS - idle RSS) / Arrow bytes."""
+    """Raw figures plus, for each, total RSS / Arrow bytes and (RSS - idle RSS) / Arrow bytes.
+
+    ``held`` is the memory the server holds: its RSS, less the shared-memory pages in it, plus every byte
+    of its /dev/shm files (mapped and touched or not): with --shm on, RSS alone would undercount.
+    """
     idle = rss["idle"]["rss"]
     out: dict[str, Any] = {"arrow_bytes": arrow_bytes, "pool": rss["idle"]["pool"],
                            "put_seconds": rss.pop("put_seconds")}
     for when, m in rss.items():
+        held = m["rss"] - m["rss_shmem"] + m["shm_bytes"]
         out[when] = {"rss": m["rss"], "rss_over_arrow_bytes": round(m["rss"] / arrow_bytes, 4),
                      "delta_over_arrow_bytes": round((m["rss"] - idle) / arrow_bytes, 4),
+                     "rss_shmem": m["rss_shmem"], "shm_bytes": m["shm_bytes"],
+                     "held_over_arrow_bytes": round(held / arrow_bytes, 4),
                      "arrow_pool_bytes": m["arrow_pool_bytes"], "pandas_loaded": m["pandas_loaded"]}
     return out
 
 
 def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]:
-    """RSS of fresh default-config servers after one put and after put/drop cycles: other Arrow memory
-    pools (via ARROW_DEFAULT_MEMORY_POOL) and, with --what-if, a server with the recommended fixes patched in."""
+    """RSS of fresh default-config servers after one put and after put/drop cycles: with --shm on (memory
+    held counted as in rss_figures), and with other Arrow memory pools (via ARROW_DEFAULT_MEMORY_POOL)."""
     import flightcache
 
-    variants = [(f"pool={p}", {"ARROW_DEFAULT_MEMORY_POOL": p}, False) for p in args.pools.split(",") if p]
-    if args.what_if:
-        variants.append(("what-if: lazy pyarrow.dataset, release memory after put/drop", {}, True))
+    variants = [("shm=on", {}, True)]
+    variants += [(f"pool={p}", {"ARROW_DEFAULT_MEMORY_POOL": p}, False) for p in args.pools.split(",") if p]
     out: dict[str, Any] = {}
-    for name, env, what_if in variants:
-        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, what_if), env=env)
+    for name, env, shm in variants:
+        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, shm=shm), env=env)
         try:
             start_all([server])
-            client = flightcache.connect(server.uri)
+            client = flightcache.connect(server.uri, shm=False)
             rss: dict[str, Any] = {"idle": server.memory()}
             started = time.perf_counter()
             result = client.put(NAME, table)
@@ -662,7 +631,8 @@ def print_summary(results: dict[str, Any]) -> None:
     for when in ("settled", "settled_trimmed", "after_reps", "after_reps_trimmed"):
         print(f"  {when:<20} {rss[when]['rss_over_arrow_bytes']:.3f}x ({rss[when]['delta_over_arrow_bytes']:.3f}x)")
     for name, e in results["rss_experiments"].items():
-        print(f"  {name}: after a put {e['settled']['rss_over_arrow_bytes']:.3f}x "
+        print(f"  {name}: after a put {e['settled']['rss_over_arrow_bytes']:.3f}x RSS, "
+              f"{e['settled']['held_over_arrow_bytes']:.3f}x held "
               f"({e['settled']['delta_over_arrow_bytes']:.3f}x), after 2 put/drop cycles "
               f"{e['after_2_put_drop']['rss_over_arrow_bytes']:.3f}x")
     print()
@@ -750,11 +720,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-arenas", type=int, default=2,
                         help="cap the client's glibc malloc arenas (bounds its memory; 0: glibc's default) "
                              "(default: %(default)s)")
-    parser.add_argument("--what-if", action="store_true",
-                        help="also measure RSS of a server with the report's recommended fixes monkeypatched in")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # server-process entry point
     args = parser.parse_args(argv)
-    if args.serve:  # before importing flightcache: the what-if server must patch imports first
+    if args.serve:  # a server process: it imports only what it serves with
         return args
     from flightcache.store import parse_bytes
 
@@ -796,8 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "parameters": {"size": args.size, "reps": args.reps, "quick": args.quick, "seed": SEED,
                        "sweep_rows": SWEEP, "parallelism": PARALLELISM, "default_endpoint_bytes": args.endpoint_bytes,
-                       "pools": args.pools, "settle_s": args.settle, "client_arenas": args.client_arenas,
-                       "what_if": args.what_if},
+                       "pools": args.pools, "settle_s": args.settle, "client_arenas": args.client_arenas},
     }
     results.update(run_benchmark(args))
     after = sources_digest("flightcache")
