@@ -76,6 +76,28 @@ class MotoS3:
         )
 
 
+@contextlib.contextmanager
+def shaping_proxy(upstream_port: int, latency_ms: float, bandwidth_mbps: float) -> Iterator[int]:
+    """bench/shaping.py in front of 127.0.0.1:``upstream_port``, in its own process; its port."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "shaping.py"),
+            *("--upstream", f"127.0.0.1:{upstream_port}"),
+            *("--latency-ms", str(latency_ms), "--bandwidth-mbps", str(bandwidth_mbps)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        yield json.loads(proc.stdout.readline())["port"]
+    finally:
+        proc.terminate()
+        proc.wait()
+        proc.stdout.close()
+
+
 @pytest.fixture(scope="module")
 def moto_s3() -> Iterator[MotoS3]:
     s3 = MotoS3()

@@ -6,7 +6,6 @@ during a write-back. What was acknowledged survives; what was not is reported, n
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import ROOT, MotoS3, run_cli, start_server, stop_server
+from conftest import MotoS3, run_cli, shaping_proxy, start_server, stop_server
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, StorageError
@@ -236,26 +235,8 @@ def test_recovery_reports_unfinished_versions(storage_uri: str) -> None:
 @pytest.fixture
 def slow_s3(moto_s3: MotoS3) -> Iterator[str]:
     """The shaping proxy in front of moto at 1 MB/s per connection: a write-back of a few MB takes seconds."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "shaping.py"),
-            "--upstream",
-            f"127.0.0.1:{moto_s3.port}",
-            "--latency-ms",
-            "0",
-            "--bandwidth-mbps",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    port = json.loads(proc.stdout.readline())["port"]
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait()
-    proc.stdout.close()
+    with shaping_proxy(moto_s3.port, latency_ms=0, bandwidth_mbps=1) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.s3

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import http.client
-import json
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, MotoS3
+from conftest import MotoS3, shaping_proxy
 
 pytestmark = pytest.mark.s3
 
@@ -20,26 +17,8 @@ pytestmark = pytest.mark.s3
 @pytest.fixture
 def shaped(moto_s3: MotoS3) -> Iterator[int]:
     """A proxy with 80 ms first-byte latency and 20 MB/s per connection in front of moto."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "shaping.py"),
-            "--upstream",
-            f"127.0.0.1:{moto_s3.port}",
-            "--latency-ms",
-            "80",
-            "--bandwidth-mbps",
-            "20",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    port = json.loads(proc.stdout.readline())["port"]
-    yield port
-    proc.terminate()
-    proc.wait()
-    proc.stdout.close()
+    with shaping_proxy(moto_s3.port, latency_ms=80, bandwidth_mbps=20) as port:
+        yield port
 
 
 def _timed_get(conn: http.client.HTTPConnection, path: str) -> tuple[float, int]:
