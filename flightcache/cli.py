@@ -339,6 +339,11 @@ def _security_flags(serve: argparse.ArgumentParser) -> None:
         default=format_bytes(DEFAULT_MAX_ACTION_BYTES),
         help="refuse an action whose body is larger than this (default: %(default)s)",
     )
+    sql = serve.add_argument_group("SQL limits (each defaults to its FLIGHTCACHE_SQL_* variable, else the value shown)")
+    sql.add_argument("--sql-memory-limit", metavar="SIZE", help="DuckDB working memory per query (1GiB)")
+    sql.add_argument("--sql-timeout", type=float, metavar="SECONDS", help="longest a query may run (300)")
+    sql.add_argument("--sql-threads", type=int, metavar="N", help="DuckDB threads per query (0: one per core)")
+    sql.add_argument("--sql-max-queries", type=int, metavar="N", help="queries running at once; more wait (8)")
 
 
 def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -364,12 +369,28 @@ def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return "grpc+tls", options
 
 
+def _sql_limits(args: argparse.Namespace) -> Any:
+    """SqlLimits: the environment's, overridden by the --sql-* flags given."""
+    from dataclasses import replace
+
+    from .sql import SqlLimits
+
+    flags = {
+        "memory_limit": parse_bytes(args.sql_memory_limit) if args.sql_memory_limit else None,
+        "timeout": args.sql_timeout,
+        "threads": args.sql_threads,
+        "max_queries": args.sql_max_queries,
+    }
+    return replace(SqlLimits.from_env(), **{k: v for k, v in flags.items() if v is not None}).checked()
+
+
 def serve(args: argparse.Namespace) -> int:
     from .server import FlightcacheServer
     from .storage import Storage
     from .store import Store
 
     scheme, security = _server_security(args)
+    sql_limits = _sql_limits(args)
     store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
     storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint)
     server = FlightcacheServer(
@@ -381,6 +402,7 @@ def serve(args: argparse.Namespace) -> int:
         **security,
         shm=args.shm,
         shm_group=args.shm_group,
+        sql_limits=sql_limits,
     )
     auth = security["auth"]
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -8,9 +8,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import logs_table, run_cli, start_server, stop_server
+
+import flightcache
+from flightcache.errors import SqlError
 
 
 @pytest.fixture
@@ -107,3 +111,18 @@ def test_help_explains_every_command() -> None:
     assert "--filter" in r.stdout and "status >= 500" in r.stdout
     r = run_cli("serve", "--help")
     assert "--memory-limit" in r.stdout and "4GiB" in r.stdout
+
+
+def test_serve_sql_limit_flags() -> None:
+    """--sql-* flags bound the server's queries (here: too little memory for a big sort); a bad one is one line."""
+    proc, uri = start_server("--storage", "none", "--sql-memory-limit", "2MiB", "--sql-threads", "1")
+    try:
+        with flightcache.connect(uri) as c:
+            c.put("big", pa.table({"x": pa.array(range(2_000_000), pa.int64())}))
+            assert c.sql('SELECT count(*) AS n FROM "big"').column("n").to_pylist() == [2_000_000]
+            with pytest.raises(SqlError, match=r"(?i)memory"):
+                c.sql('SELECT x FROM "big" ORDER BY x DESC')
+    finally:
+        stop_server(proc)
+    r = run_cli("serve", "--port", "0", "--storage", "none", "--sql-max-queries", "0")
+    assert r.returncode == 1 and "invalid SQL limits" in r.stderr and len(r.stderr.strip().splitlines()) == 1
