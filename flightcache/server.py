@@ -142,7 +142,7 @@ class FlightcacheServer(flight.FlightServerBase):
         if taken := {MIDDLEWARE_KEY, AUTH_KEY} & set(extra):
             raise ValueError(f"middleware keys {sorted(taken)} are flightcache's own; name yours differently")
         middleware = {**security.pop("middleware", {}), MIDDLEWARE_KEY: self.ops, **extra}
-        super().__init__(location, middleware=middleware, **security, **kwargs)
+        # Everything a handler uses is set before the base class starts serving: a call may come at once.
         self.auth = auth
         self.limits = limits or Limits()
         cache.store.max_datasets = self.limits.max_datasets
@@ -161,6 +161,7 @@ class FlightcacheServer(flight.FlightServerBase):
             "shm_reads": 0,
         }
         self.started = time.time()
+        super().__init__(location, middleware=middleware, **security, **kwargs)
 
     def shutdown(self) -> None:
         """Stop serving, then flush pending write-backs."""
