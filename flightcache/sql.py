@@ -504,12 +504,14 @@ class _Databases:
         self._parser_lock = threading.Lock()
         # One worker; it exits by itself once this object (and so the executor) is garbage.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="flightcache-sql")
-        self._submit(self._top_up)
 
     def take(self) -> duckdb.DuckDBPyConnection:
         with self._lock:
             con = self._ready.pop() if self._ready else None
-        return con if con is not None else self.open()
+        if con is None:  # the first query (spares are made from then on: a server that runs no SQL loads no DuckDB)
+            self._submit(self._top_up)
+            return self.open()
+        return con
 
     def retire(self, con: duckdb.DuckDBPyConnection) -> None:
         self._submit(lambda: (con.close(), self._top_up()))
