@@ -1,8 +1,8 @@
 """The pipeline benchmark: completion time and its variability, per hand-off mode.
 
-Runs the four-stage log pipeline (pipelines/logs.py; each stage its own Spark application) N times
-after a warm-up, in every hand-off mode, interleaved (run 1 of every mode, then run 2, ...) so that
-drift on this shared machine hits all modes alike:
+Runs the four-stage log pipeline (pipelines/logs.py) N times after a warm-up, in every hand-off
+mode, interleaved (run 1 of every mode, then run 2, ...) so that drift on this shared machine hits
+all modes alike:
 
   s3-cloud           Parquet hand-offs on moto S3 behind bench/shaping.py: first-byte latency and
                      per-connection bandwidth from AWS's published guidance, optional jitter
@@ -12,6 +12,9 @@ drift on this shared machine hits all modes alike:
                      host) map the hand-offs from the server's shared memory
   flightcache-noshm  the same with shared-memory reads off (FLIGHTCACHE_SHM=0): they stream over Flight
   flightcache-async  through the cache with write-back persistence to the shaped S3
+
+The stages run as jobs of one Spark application, as on a running cluster (``--spark one-app``, the
+default), or each as its own application, paying a JVM start per stage (``--spark per-stage``).
 
 Every mode reads the raw logs from the same S3 endpoint it hands off through (the shaped "cloud"
 for all but s3-local) and the final reports must be identical. Writes bench_results/pipeline.json
@@ -69,6 +72,7 @@ def run_once(mode: str, args: argparse.Namespace, env: dict[str, str], work: Pat
         "env": run_env,
         "s3_prefix": f"s3://{logs.BUCKET}",
         "quiet": True,
+        "one_app": args.spark == "one-app",
     }
     if handoff != "flightcache":
         result = logs.run(handoff, cache_uri=None, persist="none", **common)
@@ -97,9 +101,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     stages: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         for s in r["stages"]:
-            entry = stages.setdefault(s["stage"], {"wall_s": [], "spark_s": []})
-            entry["wall_s"].append(s["wall_s"])
-            entry["spark_s"].append(s["spark_s"])
+            entry = stages.setdefault(s["stage"], {"wall_s": [], "spark_s": [], "session_s": []})
+            for key in entry:
+                entry[key].append(s[key])
     peaks = [r["server_peak_rss"] for r in runs if r.get("server_peak_rss")]
     out: dict[str, Any] = {
         "total_s": totals,
@@ -109,9 +113,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "median_s": statistics.median(totals),
         "stages": stages,
         "stage_means_s": {k: statistics.fmean(v["wall_s"]) for k, v in stages.items()},
+        # where a stage's time goes: starting the process and the Spark session, and the stage's own work
+        "stage_profile_s": {
+            k: {
+                "process": statistics.fmean(w - sp for w, sp in zip(v["wall_s"], v["spark_s"], strict=True)),
+                "spark_session": statistics.fmean(v["session_s"]),
+                "work": statistics.fmean(sp - se for sp, se in zip(v["spark_s"], v["session_s"], strict=True)),
+            }
+            for k, v in stages.items()
+        },
         "server_peak_rss_bytes": max(peaks) if peaks else None,
         "runs": [{"stages": [{k: st[k] for k in ("stage", "wall_s")} for st in r["stages"]]} for r in runs],
     }
+    if runs and "app_start_s" in runs[0]:
+        out["app_start_s"] = [r["app_start_s"] for r in runs]
     durable = [r["durable_after_s"] for r in runs if "durable_after_s" in r]
     if durable:
         out["durable_after_s"] = durable
@@ -184,7 +199,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         heights = [summary[m]["stage_means_s"][stage] for m in modes]
         ax2.bar(modes, heights, bottom=bottom, label=stage)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    ax2.set_ylabel("mean wall time per stage (s), process start included")
+    ax2.set_ylabel("mean wall time per stage (s)")
     ax2.set_title("per-stage breakdown")
     ax2.legend()
     ax2.tick_params(axis="x", rotation=20)
@@ -222,6 +237,13 @@ def main() -> int:
         type=float,
         default=0.5,
         help="sigma of the log-normal latency factor (default: %(default)s; 0 for none)",
+    )
+    parser.add_argument(
+        "--spark",
+        choices=("one-app", "per-stage"),
+        default="one-app",
+        help="one-app: the stages are jobs of one Spark application, as on a running cluster; per-stage: each "
+        "stage is its own application, paying a JVM start (default: %(default)s)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny scale, one run per mode, no warm-up")
     parser.add_argument("--out", help="output directory (default: bench_results, or a temp dir with --quick)")
@@ -281,7 +303,8 @@ def main() -> int:
             "warmup": args.warmup,
             "modes": modes,
             "interleaved": True,
-            "spark": "local[2], one application per stage",
+            "spark": "local[2], "
+            + ("one application for all stages" if args.spark == "one-app" else "one application per stage"),
         },
         "shaping": {
             "latency_ms": args.latency_ms,
@@ -300,7 +323,8 @@ def main() -> int:
     plot(
         summary,
         out_dir / f"{args.json_name}.png",
-        f"log pipeline, {args.rows:,} rows, {args.runs} runs per mode after {args.warmup} warm-up, 2 cores",
+        f"log pipeline, {args.rows:,} rows, {result['parameters']['spark']}, {args.runs} runs per mode "
+        f"after {args.warmup} warm-up, 2 cores",
     )
     progress(f"wrote {out_dir / args.json_name}.json and .png in {result['elapsed_s']:.0f}s")
     print(f"{'mode':<18} {'mean s':>8} {'stddev':>8} {'cv':>6}  stages (mean s)")

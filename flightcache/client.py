@@ -266,13 +266,17 @@ class Client:
         columns: list[str] | None = None,
         filter: str | pc.Expression | None = None,
         version: int | None = None,
+        endpoints: int | None = None,
     ) -> flight.FlightInfo:
-        """The FlightInfo (schema, rows, endpoints) of a read of ``name``."""
+        """The FlightInfo (schema, rows, endpoints) of a read of ``name``; ``endpoints``: at least that many
+        where the dataset has enough batches (the server otherwise splits by size)."""
         validate_name(name)
-        if columns is None and filter is None and version is None:
+        if columns is None and filter is None and version is None and endpoints is None:
             descriptor = flight.FlightDescriptor.for_path(name)
         else:
-            request = ReadRequest(name, list(columns) if columns is not None else None, version=version)
+            request = ReadRequest(
+                name, list(columns) if columns is not None else None, version=version, endpoints=endpoints
+            )
             if isinstance(filter, pc.Expression):
                 full = self._call(
                     lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_path(name), self._options())
@@ -280,10 +284,12 @@ class Client:
                 if version is None:
                     version = Ticket.from_bytes(full.endpoints[0].ticket.ticket).version
                 encoded = base64.b64encode(filter.to_substrait(full.schema)).decode()
-                request = ReadRequest(name, request.columns, filter_substrait=encoded, version=version)
+                request = ReadRequest(
+                    name, request.columns, filter_substrait=encoded, version=version, endpoints=endpoints
+                )
             elif filter is not None:
                 parse_filter(str(filter))  # a syntax error is reported before any round trip
-                request = ReadRequest(name, request.columns, filter=str(filter), version=version)
+                request = ReadRequest(name, request.columns, filter=str(filter), version=version, endpoints=endpoints)
             descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         return self._call(lambda: self.flight.get_flight_info(descriptor, self._options()))
 

@@ -116,15 +116,25 @@ def _has_type(value: object, types: tuple[type, ...]) -> bool:
 
 @dataclass(frozen=True)
 class ReadRequest(_Message):
-    """A read of a dataset: optional projection, filter (string form or Substrait) and version."""
+    """A read of a dataset: optional projection, filter (string form or Substrait) and version, and at
+    least how many endpoints to split it into (as far as its batches allow), for readers that want
+    more partitions than its size gives, such as Spark with more cores than the data has 128 MiB."""
 
     name: str
     columns: list[str] | None = None
     filter: str | None = None
     filter_substrait: str | None = None  # base64 of a Substrait ExtendedExpression
     version: int | None = None
+    endpoints: int | None = None
 
-    _types = {"name": (str,), "columns": (list,), "filter": (str,), "filter_substrait": (str,), "version": (int,)}
+    _types = {
+        "name": (str,),
+        "columns": (list,),
+        "filter": (str,),
+        "filter_substrait": (str,),
+        "version": (int,),
+        "endpoints": (int,),
+    }
     _what = "read request"
 
     def substrait_bytes(self) -> bytes | None:

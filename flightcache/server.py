@@ -218,6 +218,8 @@ class FlightcacheServer(flight.FlightServerBase):
         name, command = descriptor_name(descriptor)
         request = ReadRequest.from_bytes(command) if command else ReadRequest(name)
         note(context, dataset=request.name)
+        if request.endpoints is not None and request.endpoints < 1:
+            raise InvalidRequestError(f"read request for {request.name!r}: endpoints must be at least 1")
         version = self.cache.get(request.name, request.version, count=True)
         # Fail now, not in do_get, on unknown columns or a filter that does not bind.
         self.store.check_read(version, columns=request.columns, filter=_filter(request))
@@ -237,7 +239,7 @@ class FlightcacheServer(flight.FlightServerBase):
                 ).to_bytes(),
                 [],  # no location: read it from this same server
             )
-            for start, end in version.batch_ranges(self.endpoint_bytes, self.max_endpoints)
+            for start, end in version.batch_ranges(self.endpoint_bytes, self.max_endpoints, request.endpoints or 1)
         ]
         rows = version.num_rows if exact else -1
         nbytes = version.nbytes if exact and request.columns is None else -1

@@ -9,8 +9,8 @@ dataset's memory, counted once by the store's buffer accounting. A version is a 
 (an append adds one). A file is unlinked when the store no longer holds a version that uses it
 (drop, eviction, retention expiry); whoever mapped it keeps a valid view, as Linux keeps the pages
 of an unlinked file until its last mapping goes. Shutdown removes the directory; a server killed
-with ``kill -9`` leaves it behind and the next server of the same user removes it at start (its
-owner process is gone).
+with ``kill -9`` leaves it behind and the next server of the same user removes it at start: a
+running server holds a lock on its directory, which the kernel releases when the process ends.
 
 Client side (``read_shared``): the ``shm`` action answers, for a version still held, each file's
 path and a random nonce that the server also wrote into the file's footer. A client maps the files
@@ -31,6 +31,7 @@ import secrets
 import shutil
 import stat
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,15 +59,23 @@ class SharedMemory:
     """The server's shared-memory directory and the files of the versions it holds."""
 
     def __init__(self, root: Path = SHM_ROOT, *, group: str | None = None) -> None:
+        import fcntl  # POSIX only, like the rest of the server side
+
         self.gid = _gid(group) if group else None
         base = root / f"flightcache-{os.getuid()}"
         _private_dir(base, 0o710 if self.gid is not None else 0o700, self.gid)
         self.removed_stale = remove_stale(base)
-        self.dir = base / f"{os.getpid()}-{_start_time(os.getpid())}-{secrets.token_hex(4)}"
-        self.dir.mkdir(mode=0o700)
+        # Made under a hidden name and locked before it gets its real one: a directory with a real name
+        # and no lock is a dead server's, whatever pid namespace it ran in.
+        making = base / f".{secrets.token_hex(8)}"
+        making.mkdir(mode=0o700)
+        self._lock = os.open(making, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until this process ends or closes it
         if self.gid is not None:
-            os.chown(self.dir, -1, self.gid)
-            os.chmod(self.dir, 0o750)
+            os.chown(making, -1, self.gid)
+            os.chmod(making, 0o750)
+        self.dir = base / f"{os.getpid()}-{_start_time(os.getpid())}-{secrets.token_hex(4)}"
+        making.rename(self.dir)
         self._secret = secrets.token_bytes(32)
 
     def open(self, name: str, schema: pa.Schema) -> SharedFile | None:
@@ -92,6 +101,9 @@ class SharedMemory:
     def close(self) -> None:
         """Remove the directory and every file in it."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 class SharedFile:
@@ -183,19 +195,36 @@ def resolve(mode: str, memory_limit: int | None, *, group: str | None = None) ->
 
 
 def remove_stale(base: Path) -> list[str]:
-    """Remove the directories under ``base`` whose server process is gone (a crash); returns them."""
+    """Remove the directories under ``base`` whose server is gone (a crash); returns them.
+
+    A live server holds a lock on its directory; the kernel drops it when the process ends. Unlike
+    a pid, that holds across pid namespaces sharing one ``/dev/shm``. A hidden directory is one a
+    server is still making, unless it is old.
+    """
+    import fcntl
+
     removed = []
     for entry in base.iterdir():
         try:
-            pid, started, _ = entry.name.split("-")
             info = entry.lstat()
-        except (ValueError, FileNotFoundError):
+        except FileNotFoundError:
             continue
         if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
             continue
-        if _start_time(int(pid)) != started:  # gone, or the pid now belongs to another process
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(str(entry))
+        if entry.name.startswith(".") and time.time() - info.st_mtime < 60:
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its server is running
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(str(entry))
     if removed:
         log.info("removed %d shared-memory directories of servers that are gone: %s", len(removed), removed)
     return removed

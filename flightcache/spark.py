@@ -102,8 +102,21 @@ FORMAT = "flightcache"
 PUSHDOWN_CONF = "spark.sql.python.filterPushdown.enabled"
 IF_EXISTS = ("error", "ignore")
 # Spark redacts the values of options named like "token" in plans and its UI (spark.redaction.regex).
-OPTIONS = ("uri", "path", "columns", "filter", "pushdown", "if_exists", "persist", "token", "tls_ca", "shm")
+OPTIONS = (
+    "uri",
+    "path",
+    "columns",
+    "filter",
+    "pushdown",
+    "if_exists",
+    "persist",
+    "token",
+    "tls_ca",
+    "shm",
+    "partitions",
+)
 DRIVER_ENV = ("FLIGHTCACHE_URI", "FLIGHTCACHE_TOKEN", "FLIGHTCACHE_TLS_CA")
+PARALLELISM_ENV = "FLIGHTCACHE_SPARK_PARALLELISM"  # the session's default parallelism, for the planner
 PERSIST = ("none", "sync", "async")
 
 
@@ -113,13 +126,16 @@ def register(spark: SparkSession) -> None:
     The driver's ``FLIGHTCACHE_URI``, ``FLIGHTCACHE_TOKEN`` and ``FLIGHTCACHE_TLS_CA``, if set, become
     the defaults of the ``uri``, ``token`` and ``tls_ca`` options: Spark's Python workers do not see
     variables the driver sets after the session started, so they are handed to them through the
-    SparkContext's worker environment.
+    SparkContext's worker environment. So is the session's default parallelism, the least number of
+    partitions a read is split into (as Spark's file sources do), which the planner cannot ask for.
     """
     for var in DRIVER_ENV:
         value = os.environ.get(var)
         if value:
             with suppress(AttributeError):  # Spark Connect has no SparkContext; its server's environment applies
                 spark.sparkContext.environment[var] = value
+    with suppress(AttributeError):
+        spark.sparkContext.environment[PARALLELISM_ENV] = str(spark.sparkContext.defaultParallelism)
     spark.dataSource.register(FlightcacheDataSource)
     from .spark_parquet import ArrowParquetDataSource  # the object-storage baseline, same session
 
@@ -141,6 +157,7 @@ class _Options:
     token: str | None = field(default=None, repr=False)
     tls_ca: bytes | None = field(default=None, repr=False)
     shm: bool = True
+    partitions: int = 1
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> _Options:
@@ -173,6 +190,12 @@ class _Options:
         text = options.get("filter") or None
         if text is not None:
             parse_filter(text)  # a syntax error is reported before any job starts
+        partitions = options.get("partitions") or os.environ.get(PARALLELISM_ENV) or "1"
+        if not partitions.strip().isdigit() or int(partitions) < 1:
+            raise InvalidRequestError(
+                f"option partitions={partitions!r} for dataset {name!r}: use a whole number, at least 1 "
+                "(the least number of partitions to read it in)"
+            )
         persist = (options.get("persist") or "").lower() or None
         if persist is not None and persist not in PERSIST:
             raise InvalidRequestError(
@@ -190,6 +213,7 @@ class _Options:
             options.get("token") or os.environ.get("FLIGHTCACHE_TOKEN") or None,
             read_ca(options.get("tls_ca") or os.environ.get("FLIGHTCACHE_TLS_CA") or None),
             shm == "true",
+            int(partitions),
         )
 
     def client(self) -> Client:
@@ -432,7 +456,9 @@ class _Reader(DataSourceReader):
 
     def partitions(self) -> list[InputPartition]:
         with self.options.context("read"):
-            info = self.options.client().flight_info(self.options.name, self.target.names, self._filter())
+            info = self.options.client().flight_info(
+                self.options.name, self.target.names, self._filter(), endpoints=self.options.partitions
+            )
         return [_Endpoint(i, e.ticket.ticket) for i, e in enumerate(info.endpoints)]
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:

@@ -130,6 +130,7 @@ class _Writer(DataSourceArrowWriter):
         path = f"{root}/part-{self.job}-{uuid.uuid4().hex[:12]}.parquet"
 
         def put() -> None:
+            _make_dir(fs, root)
             with fs.open_output_stream(path) as out:
                 out.write(data)
 
@@ -143,6 +144,7 @@ class _Writer(DataSourceArrowWriter):
             for path in _data_files(fs, root, uri):
                 if path not in written:
                     retry(f"delete {path}", lambda p=path: fs.delete_file(p))
+        _make_dir(fs, root)
         if not written:  # an empty result still needs a file that carries the schema
             empty = f"{root}/part-{self.job}-empty.parquet"
             with fs.open_output_stream(empty) as out:
@@ -155,6 +157,12 @@ class _Writer(DataSourceArrowWriter):
         for m in messages:
             if isinstance(m, _Written) and m.path:
                 fs.delete_file(m.path)
+
+
+def _make_dir(fs: pafs.FileSystem, root: str) -> None:
+    """A local destination needs its directory; object stores have none (creating one costs a request)."""
+    if fs.type_name == "local":
+        fs.create_dir(root, recursive=True)
 
 
 __all__ = ["FORMAT", "ArrowParquetDataSource"]

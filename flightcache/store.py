@@ -183,12 +183,13 @@ class Version:
     def table(self) -> pa.Table:
         return pa.Table.from_batches(self.batches, self.schema)
 
-    def batch_ranges(self, max_bytes: int, max_ranges: int) -> list[tuple[int, int]]:
-        """Split the batches into contiguous [start, end) ranges of about ``max_bytes`` each."""
+    def batch_ranges(self, max_bytes: int, max_ranges: int, at_least: int = 1) -> list[tuple[int, int]]:
+        """Split the batches into contiguous [start, end) ranges of about ``max_bytes`` each, and at least
+        ``at_least`` of them where there are that many batches (never more than ``max_ranges``)."""
         n = len(self.batches)
         if n == 0:
             return [(0, 0)]
-        wanted = max(1, min(max_ranges, n, -(-self.nbytes // max(1, max_bytes))))
+        wanted = max(1, min(max_ranges, n, max(at_least, -(-self.nbytes // max(1, max_bytes)))))
         bounds = [round(i * n / wanted) for i in range(wanted + 1)]
         return [(bounds[i], bounds[i + 1]) for i in range(wanted)]
 

@@ -108,6 +108,7 @@ def spark_session(app: str, cores: int = 2) -> Any:
         .config("spark.sql.shuffle.partitions", str(cores * 2))
         .config("spark.driver.memory", "2g")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.spark_daemon"))
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
@@ -197,8 +198,11 @@ def flightcache_server(*args: str, env: dict[str, str] | None = None) -> Iterato
             proc.stdout.close()
 
 
-def run_stage(script: Path, args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run one stage as its own process; it prints a JSON summary as its last line."""
+def run_stage(script: Path, args: list[str], env: dict[str, str]) -> tuple[list[dict[str, Any]], float]:
+    """Run stages in a process of their own, which prints their JSON summaries (a list) as its last line.
+
+    Returns the summaries and the process's wall time.
+    """
     started = time.perf_counter()
     out = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, env={**os.environ, **env}
@@ -206,9 +210,7 @@ def run_stage(script: Path, args: list[str], env: dict[str, str]) -> dict[str, A
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
         raise RuntimeError(f"stage {' '.join(args)} failed with exit status {out.returncode}")
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    summary["wall_s"] = time.perf_counter() - started
-    return summary
+    return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 
 def reset_dir(path: str | Path) -> None:

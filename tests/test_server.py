@@ -124,6 +124,33 @@ def test_large_dataset_has_several_endpoints_read_in_parallel() -> None:
         srv.shutdown()
 
 
+def test_a_reader_can_ask_for_at_least_n_endpoints() -> None:
+    """ReadRequest.endpoints splits a small dataset as far as its batches allow; the rows stay whole."""
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    try:
+        _at_least_n_endpoints(flightcache.connect(f"grpc://127.0.0.1:{srv.port}"))
+    finally:
+        srv.shutdown()
+
+
+def _at_least_n_endpoints(client: flightcache.Client) -> None:
+    table = logs_table(5000)  # 5 batches of 1000 rows, far below one endpoint's 128 MiB
+    client.put("small", table)
+    assert len(client.flight_info("small").endpoints) == 1  # by size alone
+    for wanted, got in ((2, 2), (3, 3), (5, 5), (50, 5)):
+        info = client.flight_info("small", endpoints=wanted)
+        assert len(info.endpoints) == got
+        parts = [client.flight.do_get(e.ticket).read_all() for e in info.endpoints]
+        assert pa.concat_tables(parts).equals(table)
+    info = client.flight_info("small", columns=["status"], filter="status >= 500", endpoints=2)
+    assert len(info.endpoints) == 2 and info.schema.names == ["status"]
+    with pytest.raises(InvalidRequestError, match="endpoints must be at least 1"):
+        client.flight_info("small", endpoints=0)
+    with pytest.raises(InvalidRequestError, match="wrong type"):
+        raw = b'{"v":1,"name":"small","endpoints":"2"}'
+        client._call(lambda: client.flight.get_flight_info(flight.FlightDescriptor.for_command(raw)))
+
+
 def test_projection_and_string_filter(client: flightcache.Client) -> None:
     table = logs_table(5000)
     client.put("logs", table)

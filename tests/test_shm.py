@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,20 +236,33 @@ def test_a_configured_group_may_read(tmp_path: Path) -> None:
 
 
 def test_stale_directories_of_dead_servers_are_removed(tmp_path: Path) -> None:
-    """At start, directories whose owner process is gone (or is another process now) are removed."""
+    """At start, directories no running server holds are removed, whatever pid their name carries;
+    a locked one is kept even when its pid means nothing here (a server in another pid namespace)."""
     base = tmp_path / f"flightcache-{os.getuid()}"
     base.mkdir(mode=0o700)
     dead = base / "999999999-1-deadbeef"
     reused = base / f"{os.getpid()}-1-deadbeef"  # our pid, another start time
-    for d in (dead, reused):
+    elsewhere = base / "999999998-1-cafecafe"  # a live server in another pid namespace
+    making = base / ".0123456789abcdef"  # a server is making it right now
+    for d in (dead, reused, elsewhere, making):
         d.mkdir()
         (d / "x.arrow").write_bytes(b"x")
-    live = SharedMemory(tmp_path)
-    assert not dead.exists() and not reused.exists() and live.dir.exists()
-    assert sorted(live.removed_stale) == sorted([str(dead), str(reused)])
-    SharedMemory(tmp_path).close()
-    assert live.dir.exists()  # a running server's directory is kept
-    live.close()
+    held = os.open(elsewhere, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        live = SharedMemory(tmp_path)
+        assert not dead.exists() and not reused.exists() and live.dir.exists()
+        assert elsewhere.exists() and making.exists()
+        assert sorted(live.removed_stale) == sorted([str(dead), str(reused)])
+        SharedMemory(tmp_path).close()
+        assert live.dir.exists()  # a running server's directory is kept
+        live.close()
+    finally:
+        os.close(held)
+    os.utime(making, (time.time() - 120, time.time() - 120))  # left half-made by a crash long ago
+    again = SharedMemory(tmp_path)
+    assert sorted(again.removed_stale) == sorted([str(elsewhere), str(making)])
+    again.close()
 
 
 def test_kill_9_leaves_files_that_the_next_start_removes() -> None:

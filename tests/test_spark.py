@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -335,6 +336,28 @@ def test_read_has_one_partition_per_endpoint(spark: SparkSession) -> None:
 
 
 @pytest.mark.spark
+def test_a_small_dataset_is_read_in_as_many_partitions_as_spark_has_cores(spark: SparkSession) -> None:
+    """Far below one endpoint's bytes, a read is still split to the session's default parallelism (as Spark's
+    file sources do), or to the partitions option, as far as the dataset's batches allow."""
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    try:
+        uri = _uri(srv)
+        client = flightcache.connect(uri)
+        table = logs_table(6000)
+        client.put("small", table)
+        assert len(client.flight_info("small").endpoints) == 1
+        df = _read(spark, uri, "small")
+        assert df.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism == 2
+        assert df.toArrow().sort_by("ts").equals(table.sort_by("ts"))
+        assert _read(spark, uri, "small", partitions="4").rdd.getNumPartitions() == 4
+        assert _read(spark, uri, "small", partitions="100").rdd.getNumPartitions() == 6  # one per batch
+        with pytest.raises(PySparkException, match="option partitions='none' for dataset 'small'"):
+            _read(spark, uri, "small", partitions="none").count()
+    finally:
+        srv.shutdown()
+
+
+@pytest.mark.spark
 def test_columns_schema_and_filter_options_are_applied_by_the_server(
     spark: SparkSession, recording: RecordingServer
 ) -> None:
@@ -585,3 +608,17 @@ def test_arrow_types_spark_lacks_are_read_widened(spark: SparkSession, client: f
     utc = df.selectExpr("unix_micros(ts_us_zone) AS us", "unix_micros(ts_ns_utc) AS ns").collect()
     assert utc[0].us == table["ts_us_zone"].cast(pa.int64())[0].as_py()
     assert [r.ns for r in utc] == [0, None, 0, 0]  # nanoseconds truncated to Spark's microseconds
+
+
+@pytest.mark.spark
+def test_arrow_parquet_writes_to_a_local_directory_that_does_not_exist_yet(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """The object-storage baseline format also writes local paths: it creates the directory (S3 has none)."""
+    dest = tmp_path / "new" / "dir"
+    spark.range(10).write.format("arrow-parquet").mode("overwrite").save(str(dest))
+    assert sorted(r.id for r in spark.read.format("arrow-parquet").load(str(dest)).collect()) == list(range(10))
+    empty = tmp_path / "empty"
+    spark.range(0).write.format("arrow-parquet").mode("overwrite").save(str(empty))
+    df = spark.read.format("arrow-parquet").load(str(empty))
+    assert df.count() == 0 and df.columns == ["id"]
