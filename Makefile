@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/flight_throughput.py
 	$(PY) bench/storage.py
 	$(PY) bench/sql.py
-	$(PY) bench/pipeline.py
+	$(PY) bench/pipeline.py --modes all
 	$(PY) bench/load.py
 	$(PY) bench/spark_read.py
 	$(PY) bench/report.py

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-# Twenty Spark applications start in the benchmark's quick run (5 hand-off modes x 4 stages).
+# The benchmark's quick run starts six Spark applications (one per hand-off mode), the per-stage run four.
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(1500)]
 
 
@@ -24,7 +24,7 @@ def test_pipeline_benchmark_quick_all_modes_identical(tmp_path: Path) -> None:
     """bench/pipeline.py --quick: the log pipeline in all six hand-off modes (flightcache with and
     without shared-memory reads, s3 shaped and unshaped, local, flightcache with write-back) gives
     identical reports, and the JSON the benchmark writes has what the README table is made from."""
-    _run(str(ROOT / "bench" / "pipeline.py"), "--quick", "--out", str(tmp_path), cwd=tmp_path)
+    _run(str(ROOT / "bench" / "pipeline.py"), "--quick", "--modes", "all", "--out", str(tmp_path), cwd=tmp_path)
     result = json.loads((tmp_path / "pipeline.json").read_text())
     assert result["reports_identical"] is True and result["report_rows"] > 0
     assert set(result["modes"]) == {
@@ -36,10 +36,26 @@ def test_pipeline_benchmark_quick_all_modes_identical(tmp_path: Path) -> None:
         "flightcache-async",
     }
     for mode in result["modes"].values():
-        assert len(mode["total_s"]) == 1
+        assert len(mode["total_s"]) == 1 and len(mode["app_start_s"]) == 1  # one application, started apart
         assert set(mode["stage_means_s"]) == {"ingest", "parse", "sessionize", "report"}
+        assert mode["total_s"][0] == pytest.approx(sum(mode["stage_means_s"].values()))
     assert result["modes"]["flightcache"]["server_peak_rss_bytes"] > 0
     assert (tmp_path / "pipeline.png").stat().st_size > 10_000
+
+
+def test_pipeline_benchmark_one_application_per_stage(tmp_path: Path) -> None:
+    """--spark per-stage: each stage its own application, whose start counts in the stage's time."""
+    _run(
+        str(ROOT / "bench" / "pipeline.py"),
+        *("--quick", "--spark", "per-stage", "--modes", "flightcache", "--out", str(tmp_path)),
+        cwd=tmp_path,
+    )
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    assert result["reports_identical"] is True and result["parameters"]["spark"].endswith("one application per stage")
+    for mode in result["modes"].values():
+        assert "app_start_s" not in mode
+        for profile in mode["stage_profile_s"].values():  # a new JVM per stage: seconds, not milliseconds
+            assert profile["spark_session"] > 1.0
 
 
 def test_iot_pipeline_spark_to_pandas(tmp_path: Path) -> None:
