@@ -283,6 +283,50 @@ def test_queries_cannot_change_datasets(client: flightcache.Client, logs: pa.Tab
     assert client.get("logs/raw").equals(logs)
 
 
+def test_a_database_serves_another_query_only_after_reads(
+    server: FlightcacheServer, client: flightcache.Client, logs: pa.Table
+) -> None:
+    """Reads reuse a warm database; a statement of any other kind retires it, so nothing one query
+    defines (tables, variables, macros, types) or seeds is there for the next."""
+    databases = service(server).engine._databases
+    opened = []
+    real_open = databases.open
+    databases.open = lambda: opened.append(1) or real_open()  # type: ignore[method-assign]
+
+    def settled() -> None:  # databases are cleaned and given back off the request path
+        databases._background.submit(lambda: None).result(timeout=10)
+
+    for _ in range(8):
+        assert client.sql('SELECT count(*) AS n FROM "logs/raw"')["n"][0].as_py() == logs.num_rows
+        settled()
+    assert len(opened) <= 4  # the parser, the first query's, two spares: not one a query
+    views = client.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal")
+    assert views.num_rows == 0  # the earlier queries' dataset views are gone
+
+    opened.clear()
+    for statement, probe in (
+        ("CREATE TABLE t AS SELECT 42 AS x", "SELECT * FROM t"),
+        ("CREATE MACRO m() AS 42", "SELECT m()"),
+        ("CREATE TYPE mood AS ENUM ('ok')", "SELECT 'ok'::mood"),
+    ):
+        for _ in range(3):  # every database of the pool
+            client.sql(f"{statement}; SELECT 1")
+            settled()
+            with pytest.raises(SqlError):
+                client.sql(probe)
+    assert len(opened) >= 9
+    client.sql("SET VARIABLE secret = 'x'; SELECT 1")
+    assert client.sql("SELECT getvariable('secret') AS v")["v"][0].as_py() is None
+
+    seeded = duckdb.connect()
+    seeded.execute("SELECT setseed(0.5)").fetchall()
+    predictable = seeded.execute("SELECT random()").fetchall()[0][0]
+    for _ in range(3):
+        client.sql("SELECT setseed(0.5)")
+        settled()
+        assert client.sql("SELECT random() AS r")["r"][0].as_py() != predictable
+
+
 def test_memory_limit_per_query() -> None:
     """A query needing more than the per-query memory limit fails with DuckDB's out-of-memory error."""
     with running(sql_limits=SqlLimits(memory_limit=64 << 20)) as (srv, c):
