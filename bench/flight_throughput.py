@@ -46,6 +46,7 @@ SWEEP: dict[str, int | None] = {"8Ki": 8 * 1024, "64Ki": 64 * 1024, "256Ki": 256
 PARALLELISM = (1, 2, 4)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
 NAME = "bench/t"
+SERVE_POOL = "system"  # flightcache serve's default --memory-pool
 PUT_NAME = "bench/put"
 MiB = 2**20
 
@@ -211,8 +212,13 @@ class ServerProcess:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **self.env},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **self.pool_env, **self.env},
         )
+
+    @property
+    def pool_env(self) -> dict[str, str]:
+        """flightcache servers on the allocator `flightcache serve` ships with; the bare one on Arrow's default."""
+        return {"ARROW_DEFAULT_MEMORY_POOL": SERVE_POOL} if self.spec["kind"] == "flightcache" else {}
 
     def ready(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -712,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path,
                         help=f"directory for the results (default: {DEFAULT_OUT}; with --quick a new temp dir, so "
                              "quick runs never overwrite the committed results)")
-    parser.add_argument("--pools", default="system,jemalloc",
+    parser.add_argument("--pools", default="mimalloc,jemalloc",
                         help="also measure server RSS with each of these ARROW_DEFAULT_MEMORY_POOL values, "
                              "comma-separated, '' for none (default: %(default)s)")
     parser.add_argument("--settle", type=float,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import logs_table, run_cli, start_server, stop_server
+from conftest import logs_table, run_cli, start_server, start_server_ready, stop_server
 
 import flightcache
 from flightcache.errors import SqlError
@@ -111,6 +111,19 @@ def test_help_explains_every_command() -> None:
     assert "--filter" in r.stdout and "status >= 500" in r.stdout
     r = run_cli("serve", "--help")
     assert "--memory-limit" in r.stdout and "4GiB" in r.stdout
+
+
+@pytest.mark.parametrize(("flags", "pool"), [((), "system"), (("--memory-pool", "mimalloc"), "mimalloc")])
+def test_serve_sets_arrows_allocator(flags: tuple[str, ...], pool: str) -> None:
+    """serve runs on the system allocator unless told otherwise; it restarts itself in place to set it."""
+    proc, ready = start_server_ready("--storage", "none", *flags)
+    try:
+        assert ready["memory_pool"] == pool and ready["pid"] == proc.pid
+        with flightcache.connect(ready["uri"]) as fc:
+            fc.put("t", logs_table(100))
+            assert fc.get("t").num_rows == 100
+    finally:
+        assert stop_server(proc) == 0
 
 
 def test_serve_sql_limit_flags() -> None:
