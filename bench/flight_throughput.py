@@ -46,7 +46,7 @@ SWEEP: dict[str, int | None] = {"8Ki": 8 * 1024, "64Ki": 64 * 1024, "256Ki": 256
 PARALLELISM = (1, 2, 4)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
 NAME = "bench/t"
-SERVE_POOL = "system"  # flightcache serve's default --memory-pool
+SERVE_POOL = "jemalloc"  # flightcache serve's default --memory-pool on Linux
 PUT_NAME = "bench/put"
 MiB = 2**20
 
@@ -718,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path,
                         help=f"directory for the results (default: {DEFAULT_OUT}; with --quick a new temp dir, so "
                              "quick runs never overwrite the committed results)")
-    parser.add_argument("--pools", default="mimalloc,jemalloc",
+    parser.add_argument("--pools", default="system,mimalloc",
                         help="also measure server RSS with each of these ARROW_DEFAULT_MEMORY_POOL values, "
                              "comma-separated, '' for none (default: %(default)s)")
     parser.add_argument("--settle", type=float,

@@ -357,7 +357,8 @@ class Server:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, **self.env},
+            # the allocator flightcache serve runs on (its --memory-pool default)
+            env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "jemalloc", **self.env},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -446,7 +447,7 @@ def serve(spec: dict[str, Any]) -> None:
             return super().do_action(context, action)
 
     store = Store(parse_bytes(spec["memory_limit"]))
-    server = BenchServer("grpc://127.0.0.1:0", store=store, storage=Storage(spec["storage"]))
+    server = BenchServer("grpc://127.0.0.1:0", store=store, storage=Storage(spec["storage"]), shm="auto")
     print(json.dumps({"port": server.port}), flush=True)
     sys.stdin.read()
     server.shutdown()
