@@ -1,18 +1,19 @@
 """Server-side SQL: DuckDB queries over the cached datasets, and the Flight service that serves them.
 
-Every query runs in a DuckDB database of its own, opened with external access off (no files, no
+Every query runs alone in a DuckDB database, opened with external access off (no files, no
 network, no installing or loading extensions), Python replacement scans off, its own memory limit and
 thread count, no spilling to disk, and its configuration locked before the query's text is seen. Only
 the datasets a query names are registered in it, as zero-copy views over the version current when the
 query started; a dataset that only storage holds is loaded on first use. A query cannot change a
-dataset: the views are scans of immutable Arrow data in a database thrown away afterwards. The one
-way to write is ``into=``, which publishes the result through the cache like any put.
+dataset: the views are scans of immutable Arrow data. The one way to write is ``into=``, which
+publishes the result through the cache like any put.
 
 A query starts at ``get_flight_info`` (bound: names resolved, errors found, schema known) and runs at
 ``do_get``, streaming Arrow batches as DuckDB produces them. A watchdog interrupts a query that passes
 its timeout or whose client cancelled the call (``context.is_cancelled()``), and drops a started
 query whose result nobody fetched. Databases are opened ahead of need by a background thread (opening
-one costs ~15 ms) and are never reused.
+one costs ~15 ms); one that ran only SELECT statements is cleaned and serves a later query, warm
+(see ``Query``); after any other statement it is thrown away.
 """
 
 from __future__ import annotations

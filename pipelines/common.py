@@ -7,8 +7,9 @@ A hand-off is where one stage leaves its output for the next:
   (format ``arrow-parquet``; Spark here has no s3a connector), the baseline the cache replaces;
 * ``local``: Spark's own Parquet on local disk.
 
-Each stage runs as its own process (its own Spark application), as under a production scheduler,
-and learns where to hand off from the environment (``Handoff.from_env``).
+Stages run in a process of their own (one Spark application per stage, as under a scheduler that
+submits jobs, or all four in one, as on a running cluster) and learn where to hand off from the
+environment (``Handoff.from_env``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A web-access-log pipeline in four Spark stages, each its own Spark application (process).
+"""A web-access-log pipeline in four Spark stages, each its own Spark application (or, with
+``--one-app``, all jobs of one application).
 
     generate  deterministic raw access logs (Combined Log Format lines) as Parquet in object storage
     stage 1   ingest: read the raw lines from object storage, drop empty ones      -> logs/raw
