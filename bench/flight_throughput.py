@@ -1,12 +1,13 @@
 """Flight DoGet/DoPut throughput of flightcache against a bare pyarrow Flight server (the floor).
 
-Every server runs in its own process (this file with --serve), so client and servers do not share a
-GIL, as in production. The bare server serves the same deterministic table re-chunked to several batch
-sizes; its best batch size is the floor that flightcache's DoGet is compared with. Three phases, each
-interleaving its configurations within every repetition: 1. the DoGet batch-size sweep, bare and
-flightcache, one stream each, and same-host reads from a server with shared memory on (client.get
-mapping the data, the same plus touching every page, and do_get from that server); 2. one stream
-against the default server's endpoints read in parallel, and DoPut; 3. the same reads from a cold
+Every server runs in its own process, so client and servers do not share a GIL, as in production: the
+flightcache servers are `flightcache serve` as shipped (flags set the batch size, endpoints and shared
+memory); the bare one is this file with --serve. The bare server serves the same deterministic table
+re-chunked to several batch sizes; its best batch size is the floor that flightcache's DoGet is compared
+with. Three phases, each interleaving its configurations within every repetition: 1. the DoGet batch-size
+sweep, bare and flightcache, one stream each, and same-host reads from a server with shared memory on
+(client.get mapping the data, the same plus touching every page, and do_get from that server); 2. one
+stream against the default server's endpoints read in parallel, and DoPut; 3. the same reads from a cold
 client. Then the server RSS experiments.
 
     .venv/bin/python bench/flight_throughput.py            # ~1 GiB, 7 reps -> bench_results/ (~4 min)
@@ -46,7 +47,6 @@ SWEEP: dict[str, int | None] = {"8Ki": 8 * 1024, "64Ki": 64 * 1024, "256Ki": 256
 PARALLELISM = (1, 2, 4)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
 NAME = "bench/t"
-SERVE_POOL = "jemalloc"  # flightcache serve's default --memory-pool on Linux
 PUT_NAME = "bench/put"
 MiB = 2**20
 
@@ -74,9 +74,8 @@ NOTES = [
     "every 4 KiB page of every buffer, so every page is faulted into the client: the cost of actually using all of "
     "it. fc_shm/do_get streams the same server's mapped batches over loopback (client shm=False). The other "
     "flightcache servers run with --shm off, as before, so their figures and RSS stay comparable with earlier runs.",
-    "RSS is VmRSS of the server process; 'trimmed' is after the Arrow pool's release_unused() and glibc's "
-    "malloc_trim(0), which hand freed memory back to the OS: the difference is memory the server freed but its "
-    "allocators kept.",
+    "RSS is VmRSS of the `flightcache serve` process, read from /proc; arrow_pool_bytes and the pool from the "
+    "server's stats action.",
 ]
 
 
@@ -166,35 +165,9 @@ def malloc_trim() -> bool:
         return False
 
 
-def flightcache_server(spec: dict[str, Any]) -> flight.FlightServerBase:
-    """flightcache as shipped plus a 'bench.memory' action (Arrow pool bytes, shared-memory file bytes)."""
-    from flightcache.cache import release_memory
-    from flightcache.server import FlightcacheServer
-    from flightcache.store import Store
-
-    class BenchFlightcacheServer(FlightcacheServer):
-        def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
-            if action.type == "bench.memory":
-                if action.body.to_pybytes() == b"trim":
-                    release_memory()
-                pool = pa.default_memory_pool()
-                shm = self.cache.shm
-                shm_bytes = sum(f.stat().st_size for f in shm.dir.iterdir()) if shm is not None else 0
-                return [json.dumps({"arrow_pool_bytes": pool.bytes_allocated(), "pool": pool.backend_name,
-                                    "pandas_loaded": "pandas" in sys.modules, "shm_bytes": shm_bytes}).encode()]
-            return super().do_action(context, action)
-
-    store = Store(memory_limit=None, batch_rows=spec["batch_rows"])
-    return BenchFlightcacheServer("grpc://127.0.0.1:0", store=store, endpoint_bytes=spec["endpoint_bytes"],
-                                  shm="on" if spec.get("shm") else "off")
-
-
 def serve(spec: dict[str, Any]) -> None:
-    """Server-process entry point: print {port, pool} on stdout, serve until stdin closes."""
-    if spec["kind"] == "bare":
-        server = BareServer("grpc://127.0.0.1:0", make_table(spec["size"]))
-    else:
-        server = flightcache_server(spec)
+    """The bare server's process: print {port, pool} on stdout, serve until stdin closes."""
+    server = BareServer("grpc://127.0.0.1:0", make_table(spec["size"]))
     print(json.dumps({"port": server.port, "pool": pa.default_memory_pool().backend_name}), flush=True)
     sys.stdin.read()
     server.shutdown()
@@ -203,30 +176,35 @@ def serve(spec: dict[str, Any]) -> None:
 @dataclass
 class ServerProcess:
     label: str
-    spec: dict[str, Any]
-    env: dict[str, str] = field(default_factory=dict)
+    spec: dict[str, Any]  # {"kind": "bare", "size": N} or {"kind": "flightcache", "flags": [...]}
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     pool: str = ""
+    shm_dir: Path | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(self.spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **self.pool_env, **self.env},
-        )
-
-    @property
-    def pool_env(self) -> dict[str, str]:
-        """flightcache servers on the allocator `flightcache serve` ships with; the bare one on Arrow's default."""
-        return {"ARROW_DEFAULT_MEMORY_POOL": SERVE_POOL} if self.spec["kind"] == "flightcache" else {}
+        if self.spec["kind"] == "bare":
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(self.spec)]
+        else:
+            command = [sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json",
+                       "--log-level", "WARNING", *self.spec["flags"]]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ready(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server {self.label} exited with {self.proc.wait()} before it was ready")
-        hello = json.loads(line)
-        self.port, self.pool = hello["port"], hello["pool"]
+        lines: list[str] = []
+        # The bare server says one line; flightcache serve's JSON start-up message spans several.
+        while not lines or (self.spec["kind"] != "bare" and not lines[-1].startswith("}")):
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server {self.label} exited with {self.proc.wait()} before it was ready")
+            lines.append(line)
+        hello = json.loads("".join(lines))
+        if self.spec["kind"] == "bare":
+            self.port, self.pool = hello["port"], hello["pool"]
+        else:
+            self.port, self.pool = int(hello["uri"].rsplit(":", 1)[1]), hello["memory_pool"]
+            self.shm_dir = Path(hello["shm"]) if hello["shm"] else None
 
     @property
     def uri(self) -> str:
@@ -244,22 +222,25 @@ class ServerProcess:
         tick = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / tick, int(fields[12]) / tick
 
-    def memory(self, trim: bool = False) -> dict[str, Any]:
-        """RSS and Arrow-pool bytes of a flightcache server; ``trim``: after malloc_trim(0)."""
-        conn = flight.connect(self.uri)
-        try:
-            answer = next(iter(conn.do_action(flight.Action("bench.memory", b"trim" if trim else b""))))
-        finally:
-            conn.close()
+    def memory(self) -> dict[str, Any]:
+        """RSS, shared-memory pages and files, and Arrow-pool bytes of a flightcache server."""
+        import flightcache
+
+        with flightcache.connect(self.uri, shm=False) as client:
+            process = client.stats()["process"]
         assert self.proc is not None
-        shmem = rss_bytes(self.proc.pid, "RssShmem")
-        return {**json.loads(answer.body.to_pybytes()), "rss": self.rss, "rss_shmem": shmem}
+        shm_bytes = sum(f.stat().st_size for f in self.shm_dir.iterdir()) if self.shm_dir else 0
+        return {"arrow_pool_bytes": process["arrow_pool_bytes"], "pool": process["memory_pool"], "rss": self.rss,
+                "rss_shmem": rss_bytes(self.proc.pid, "RssShmem"), "shm_bytes": shm_bytes}
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.stdin is not None:
+        if self.spec["kind"] == "bare":
+            assert self.proc.stdin is not None
             self.proc.stdin.close()
+        else:
+            self.proc.terminate()  # serve stops cleanly on SIGTERM, removing its shared-memory files
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -370,9 +351,10 @@ def measure(configs: list[Config], nbytes: int, reps: int, servers: list[ServerP
 # -- the run -------------------------------------------------------------------------------------
 
 
-def fc_spec(batch_rows: int, endpoint_bytes: int, shm: bool = False) -> dict[str, Any]:
-    return {"kind": "flightcache", "batch_rows": batch_rows, "endpoint_bytes": endpoint_bytes,
-            "shm": shm}
+def fc_spec(batch_rows: int, endpoint_bytes: int, shm: bool = False, *flags: str) -> dict[str, Any]:
+    """`flightcache serve` with its defaults but these (memory only: the figures are of the memory tier)."""
+    return {"kind": "flightcache", "flags": ["--storage", "none", "--batch-rows", str(batch_rows), "--endpoint-bytes",
+                                             str(endpoint_bytes), "--shm", "on" if shm else "off", *flags]}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,7 +419,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rss["after_put"] = fc_default.memory()
         time.sleep(args.settle)
         rss["settled"] = fc_default.memory()
-        rss["settled_trimmed"] = fc_default.memory(trim=True)
         progress(f"put {put_result['bytes']:,} bytes into a default-config server in {rss['put_seconds']:.2f}s; "
                  f"RSS {rss['idle']['rss'] / MiB:.0f} -> {rss['settled']['rss'] / MiB:.0f} MiB")
         stored["default"] = main.info(NAME)
@@ -456,7 +437,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                        after=lambda: main.drop(PUT_NAME))]
         measure(scaling + puts, nbytes, args.reps, servers)
         rss["after_reps"] = fc_default.memory()
-        rss["after_reps_trimmed"] = fc_default.memory(trim=True)
 
         # A phase of its own: a trimmed client heap would make whichever warm read came next cold too.
         progress("phase 3: cold client")
@@ -498,20 +478,20 @@ def rss_figures(arrow_bytes: int, rss: dict[str, Any]) -> dict[str, Any]:
                      "delta_over_arrow_bytes": round((m["rss"] - idle) / arrow_bytes, 4),
                      "rss_shmem": m["rss_shmem"], "shm_bytes": m["shm_bytes"],
                      "held_over_arrow_bytes": round(held / arrow_bytes, 4),
-                     "arrow_pool_bytes": m["arrow_pool_bytes"], "pandas_loaded": m["pandas_loaded"]}
+                     "arrow_pool_bytes": m["arrow_pool_bytes"]}
     return out
 
 
 def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]:
     """RSS of fresh default-config servers after one put and after put/drop cycles: with --shm on (memory
-    held counted as in rss_figures), and with other Arrow memory pools (via ARROW_DEFAULT_MEMORY_POOL)."""
+    held counted as in rss_figures), and on other Arrow memory pools (serve --memory-pool)."""
     import flightcache
 
-    variants = [("shm=on", {}, True)]
-    variants += [(f"pool={p}", {"ARROW_DEFAULT_MEMORY_POOL": p}, False) for p in args.pools.split(",") if p]
+    variants: list[tuple[str, tuple[str, ...], bool]] = [("shm=on", (), True)]
+    variants += [(f"pool={p}", ("--memory-pool", p), False) for p in args.pools.split(",") if p]
     out: dict[str, Any] = {}
-    for name, env, shm in variants:
-        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, shm=shm), env=env)
+    for name, flags, shm in variants:
+        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, shm, *flags))
         try:
             start_all([server])
             client = flightcache.connect(server.uri, shm=False)
@@ -526,7 +506,6 @@ def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]
                 client.drop(PUT_NAME)
             time.sleep(args.settle)
             rss["after_2_put_drop"] = server.memory()
-            rss["after_2_put_drop_trimmed"] = server.memory(trim=True)
             out[name] = rss_figures(result["bytes"], rss)
             progress(f"{name}: RSS {rss['idle']['rss'] / MiB:.0f} -> {rss['settled']['rss'] / MiB:.0f} MiB after "
                      f"a put, {rss['after_2_put_drop']['rss'] / MiB:.0f} MiB after 2 put/drop cycles")
@@ -634,7 +613,7 @@ def print_summary(results: dict[str, Any]) -> None:
           f"(/ bare that keeps the batches: {r['put/flightcache / put/bare-keep']['of_medians']:.3f})")
     rss = results["rss"]
     print(f"RSS ({rss['pool']} pool), x Arrow bytes ({rss['arrow_bytes'] / MiB:.0f} MiB); total (minus idle):")
-    for when in ("settled", "settled_trimmed", "after_reps", "after_reps_trimmed"):
+    for when in ("settled", "after_reps"):
         print(f"  {when:<20} {rss[when]['rss_over_arrow_bytes']:.3f}x ({rss[when]['delta_over_arrow_bytes']:.3f}x)")
     for name, e in results["rss_experiments"].items():
         print(f"  {name}: after a put {e['settled']['rss_over_arrow_bytes']:.3f}x RSS, "
@@ -681,8 +660,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, loc="upper right")
 
     rss = results["rss"]
-    bars = {"after the put": rss["settled"], "… freed memory\nreleased": rss["settled_trimmed"],
-            "after all reps": rss["after_reps"], "… freed memory\nreleased ": rss["after_reps_trimmed"]}
+    bars = {"after the put": rss["settled"], "after all reps": rss["after_reps"]}
     bars.update({name.split(":")[0].replace("pool=", "pool "): e["settled"]
                  for name, e in results["rss_experiments"].items()})
     ax_rss.bar(range(len(bars)), [b["rss_over_arrow_bytes"] for b in bars.values()], color="#9467bd")
@@ -719,7 +697,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"directory for the results (default: {DEFAULT_OUT}; with --quick a new temp dir, so "
                              "quick runs never overwrite the committed results)")
     parser.add_argument("--pools", default="system,mimalloc",
-                        help="also measure server RSS with each of these ARROW_DEFAULT_MEMORY_POOL values, "
+                        help="also measure server RSS on each of these serve --memory-pool values, "
                              "comma-separated, '' for none (default: %(default)s)")
     parser.add_argument("--settle", type=float,
                         help="seconds to wait after a put before reading RSS (default: 2; 0.2 with --quick)")

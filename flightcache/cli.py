@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .auth import DEFAULT_MAX_ACTION_BYTES
-from .cache import PERSIST_MODES
+from .cache import PERSIST_MODES, mmap_large_allocations
 from .client import DEFAULT_URI, Client
 from .errors import FlightcacheError
 from .metrics import DEFAULT_GRACE_SECONDS, configure_logging
@@ -288,8 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         if args.command == "serve":
-            if argv is None:  # the command itself, not a caller in its process: it may start over
+            if argv is None:  # the command itself, not a caller in its process: it owns the allocators
                 _use_memory_pool(args.memory_pool)
+                mmap_large_allocations()
             return serve(args)
         with Client(args.uri, token=args.token, tls_ca=args.tls_ca) as client:
             return COMMANDS[args.command](client, args)
@@ -720,6 +721,11 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
         ["calls in flight", str(s["in_flight"]) + (" (draining)" if s["draining"] else "")],
         ["uptime", f"{s['uptime_s']:.0f} s"],
     ]
+    process = s.get("process")
+    if process:
+        rss = format_bytes(process["rss"]) if process["rss"] is not None else "-"
+        lines.append(["server RSS", rss])
+        lines.append(["Arrow pool", f"{format_bytes(process['arrow_pool_bytes'])} ({process['memory_pool']})"])
     states = ", ".join(f"{n} {state}" for state, n in s["states"].items() if n)
     lines.insert(1, ["datasets by state", states or "-"])
     lost = s.get("recovery", {}).get("incomplete_versions", [])

@@ -14,16 +14,18 @@ flightcache's own command (``SqlRequest``) is strict JSON behind a prefix, so ne
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError, Message
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 from .errors import InvalidRequestError, SqlError
 from .protocol import error_from_flight
@@ -90,13 +92,6 @@ _FLIGHT_MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
     "CancelFlightInfoRequest": [("info", 1, "bytes", "")],
     "CancelFlightInfoResult": [("status", 1, "int32", "")],
 }
-_TYPES = {
-    "string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-    "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
-    "bool": descriptor_pb2.FieldDescriptorProto.TYPE_BOOL,
-    "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
-    "uint32": descriptor_pb2.FieldDescriptorProto.TYPE_UINT32,
-}
 
 # Flight SQL actions: those served, and the rest of the protocol's (answered "not implemented").
 ACTIONS: dict[str, str] = {
@@ -134,7 +129,16 @@ DB_SCHEMA = "main"
 TABLE_TYPE = "TABLE"
 
 
-def _build_classes() -> dict[str, type[Message]]:
+@functools.cache
+def _classes() -> dict[str, type[Message]]:
+    """The declared messages' classes, built on first use: protobuf costs a server that never sees Flight SQL
+    about 6 MiB of memory."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    types = {
+        kind: getattr(descriptor_pb2.FieldDescriptorProto, f"TYPE_{kind.upper()}")
+        for kind in ("string", "bytes", "bool", "int32", "uint32")
+    }
     pool = descriptor_pool.DescriptorPool()
     classes: dict[str, type[Message]] = {}
     for package, messages in (
@@ -147,7 +151,7 @@ def _build_classes() -> dict[str, type[Message]]:
         for name, fields in messages.items():
             m = file.message_type.add(name=name)
             for field, number, kind, label in fields:
-                f = m.field.add(name=field, number=number, type=_TYPES[kind], json_name=_camel(field))
+                f = m.field.add(name=field, number=number, type=types[kind], json_name=_camel(field))
                 f.label = f.LABEL_REPEATED if label == "repeated" else f.LABEL_OPTIONAL
                 if label == "optional":  # proto3 `optional`: presence through a synthetic one-field oneof
                     f.proto3_optional = True
@@ -164,16 +168,15 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-_CLASSES = _build_classes()
-
-
 def message(name: str, **fields: Any) -> Any:
     """A declared Flight SQL (or Flight) message."""
-    return _CLASSES[name](**fields)
+    return _classes()[name](**fields)
 
 
 def pack(msg: Message) -> bytes:
     """``msg`` wrapped in a serialized ``google.protobuf.Any``, as Flight SQL sends commands and results."""
+    from google.protobuf import any_pb2
+
     wrapper = any_pb2.Any()
     wrapper.Pack(msg)
     return wrapper.SerializeToString()
@@ -181,8 +184,10 @@ def pack(msg: Message) -> bytes:
 
 def parse(name: str, raw: bytes) -> Any:
     """A bare (not Any-wrapped) declared message."""
+    from google.protobuf.message import DecodeError
+
     try:
-        return _CLASSES[name].FromString(raw)
+        return _classes()[name].FromString(raw)
     except DecodeError as e:
         raise InvalidRequestError(f"malformed Flight SQL {name}: {e}") from e
 
@@ -206,6 +211,9 @@ def unpack(raw: bytes) -> tuple[str, Any]:
     """(message name, message) of a serialized Flight SQL ``Any``; the message is None if not declared here."""
     if len(raw) > MAX_QUERY_BYTES + 1024:
         raise InvalidRequestError(f"Flight SQL request is {len(raw)} bytes, more than the {MAX_QUERY_BYTES} allowed")
+    from google.protobuf import any_pb2
+    from google.protobuf.message import DecodeError
+
     try:
         wrapper = any_pb2.Any.FromString(raw)
     except DecodeError as e:

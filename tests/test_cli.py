@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from conftest import logs_table, run_cli, start_server, start_server_ready, stop_server
 
 import flightcache
+from flightcache.cache import mmap_large_allocations
 from flightcache.errors import SqlError
 
 
@@ -123,8 +125,18 @@ def test_serve_sets_arrows_allocator(flags: tuple[str, ...], pool: str) -> None:
         with flightcache.connect(ready["uri"]) as fc:
             fc.put("t", logs_table(100))
             assert fc.get("t").num_rows == 100
+            process = fc.stats()["process"]
+            assert process["memory_pool"] == pool and process["rss"] > 10 * 2**20
     finally:
         assert stop_server(proc) == 0
+
+
+def test_serve_maps_large_allocations_on_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve has glibc map big blocks (gRPC's receive buffers) on their own, so freeing them returns them;
+    a MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    assert mmap_large_allocations() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert mmap_large_allocations() is False
 
 
 def test_serve_sql_limit_flags() -> None:

@@ -472,6 +472,7 @@ def test_stats_counts(client: flightcache.Client) -> None:
     assert s["datasets"] == 1 and s["puts"] == 1 and s["gets"] >= 1
     assert s["memory_used"] == client.info("s")["bytes"] > 0
     assert s["bytes_served"] > 0 and s["memory_limit"] == 512 * 1024 * 1024
+    assert s["process"]["rss"] > 0 and s["process"]["memory_pool"] == pa.default_memory_pool().backend_name
 
 
 # -- multi-part transactions (the Spark writer's staging area) ----------------------------------------
