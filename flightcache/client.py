@@ -19,14 +19,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.flight as flight
 
 from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError
-from .filters import parse_filter
 from .protocol import (
     AbortRequest,
     CommitRequest,
@@ -43,6 +41,9 @@ from .protocol import (
 )
 from .shm import SharedVersion, read_shared
 from .store import DEFAULT_BATCH_ROWS, validate_name
+
+if TYPE_CHECKING:
+    import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
 Progress = Callable[[int, int], None]  # (rows, bytes) just transferred
@@ -277,7 +278,7 @@ class Client:
             request = ReadRequest(
                 name, list(columns) if columns is not None else None, version=version, endpoints=endpoints
             )
-            if isinstance(filter, pc.Expression):
+            if filter is not None and not isinstance(filter, str):  # a pyarrow compute Expression
                 full = self._call(
                     lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_path(name), self._options())
                 )
@@ -288,6 +289,8 @@ class Client:
                     name, request.columns, filter_substrait=encoded, version=version, endpoints=endpoints
                 )
             elif filter is not None:
+                from .filters import parse_filter
+
                 parse_filter(str(filter))  # a syntax error is reported before any round trip
                 request = ReadRequest(name, request.columns, filter=str(filter), version=version, endpoints=endpoints)
             descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
@@ -374,6 +377,8 @@ class Client:
     def _read_shared(
         self, name: str, columns: list[str] | None, filter: str | pc.Expression | None, version: int | None
     ) -> pa.Table | None:
+        from .filters import parse_filter
+
         expression = parse_filter(filter) if isinstance(filter, str) else filter  # syntax errors before any call
         shared = self.shared(name, version)
         if shared is None:

@@ -14,10 +14,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.flight as flight
 
 from . import __version__
@@ -25,7 +24,6 @@ from .auth import MIDDLEWARE_KEY as AUTH_KEY
 from .auth import WRITE_ACTIONS, Auth, Limits, require_write, server_options
 from .cache import Cache
 from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
-from .filters import parse_filter
 from .metrics import HEALTHCHECK, MIDDLEWARE_KEY, Operations, draining_error, note
 from .protocol import (
     ACTIONS,
@@ -47,6 +45,9 @@ from .shm import resolve as resolve_shm
 from .sql import SqlLimits, SqlService
 from .storage import Storage, redacted
 from .store import PERSIST_FAILED, Store, Version, batch_nbytes
+
+if TYPE_CHECKING:
+    import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
 
 log = logging.getLogger("flightcache.server")
 
@@ -489,6 +490,10 @@ def _next_chunk(reader: flight.MetadataRecordBatchReader) -> flight.FlightStream
 
 
 def _filter(request: ReadRequest) -> pc.Expression | None:
+    import pyarrow.compute as pc
+
+    from .filters import parse_filter
+
     if request.filter is not None and request.filter_substrait is not None:
         raise InvalidRequestError("give either filter or filter_substrait, not both")
     if request.filter is not None:

@@ -35,13 +35,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .errors import InvalidRequestError, MemoryFullError
 from .store import format_bytes
+
+if TYPE_CHECKING:
+    import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
 
 log = logging.getLogger("flightcache.shm")
 

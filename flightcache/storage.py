@@ -34,14 +34,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from .errors import InvalidNameError, StorageError
 from .store import batch_nbytes, validate_name
 
+# Imported where used: pyarrow.dataset brings pandas (~50 MiB), and pyarrow.fs with pyarrow.parquet
+# cost ~8 MiB that a memory-only server never needs.
 if TYPE_CHECKING:
-    import pyarrow.dataset as ds  # imported where used: it brings pandas, ~50 MiB the server rarely needs
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
 log = logging.getLogger("flightcache.storage")
 
@@ -162,6 +163,8 @@ class Storage:
         progress: Callable[[int], None] | None = None,
     ) -> Manifest:
         """Write a version as Parquet parts in parallel, then its manifest, then remove older versions."""
+        import pyarrow.parquet as pq
+
         directory = self._version_dir(name, version)
         groups = _split(batches, self.part_bytes)
         self._retry(f"create {self.describe(directory)}", lambda: self.fs.create_dir(directory, recursive=True))
@@ -215,6 +218,8 @@ class Storage:
     # -- reading -----------------------------------------------------------------------------
 
     def _version_dirs(self, name: str) -> list[tuple[int, str]]:
+        import pyarrow.fs as pafs
+
         directory = self._dataset_dir(name)
         infos = self._retry(
             f"list {self.describe(directory)}",
@@ -238,6 +243,8 @@ class Storage:
 
     def read_version(self, manifest: Manifest, *, progress: Callable[[int], None] | None = None) -> pa.Table:
         """Read a committed version's parts in parallel, checking each one's size and SHA-256."""
+        import pyarrow.parquet as pq
+
         directory = self._version_dir(manifest.name, manifest.version)
 
         def read_part(i: int) -> pa.Table:
@@ -269,6 +276,8 @@ class Storage:
 
     def catalog(self) -> list[Manifest]:
         """The newest committed version of every dataset under the root."""
+        import pyarrow.fs as pafs
+
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         infos = self._retry(f"list {self.uri}", lambda: self.fs.get_file_info(selector))
         manifests: dict[str, Manifest] = {}
@@ -305,6 +314,8 @@ class Storage:
 
     def orphans(self) -> list[str]:
         """Version directories with no manifest anywhere under the root (writes that never finished)."""
+        import pyarrow.fs as pafs
+
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         infos = self._retry(f"list {self.uri}", lambda: self.fs.get_file_info(selector))
         dirs = {i.path for i in infos if i.type == pafs.FileType.Directory and _VERSION_DIR.fullmatch(i.base_name)}
@@ -390,6 +401,8 @@ def filesystem(uri: str, *, s3_endpoint: str | None = None) -> tuple[pafs.FileSy
     S3 settings come from the standard AWS variables; ``s3_endpoint`` (else ``AWS_ENDPOINT_URL_S3``
     or ``AWS_ENDPOINT_URL``) points at an S3-compatible server such as moto or MinIO.
     """
+    import pyarrow.fs as pafs
+
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         endpoint = s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -428,6 +441,7 @@ def read_external(
     ``progress(done_files, total_files)`` is called as files finish.
     """
     import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
     fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
 

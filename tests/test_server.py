@@ -455,11 +455,14 @@ def test_client_pickles_as_settings_and_reconnects(client: flightcache.Client) -
 
 
 def test_server_imports_neither_duckdb_nor_pandas_until_needed() -> None:
-    """An idle server stays small: DuckDB and pyarrow.dataset (which brings pandas) load on first use."""
+    """An idle memory-only server stays small: DuckDB, pyarrow.dataset (which brings pandas), Parquet,
+    filesystems, compute kernels and protobuf load on first use."""
+    modules = ("duckdb", "pandas", "pyarrow.dataset", "pyarrow.parquet", "pyarrow.fs", "pyarrow.compute",
+               "pyarrow._compute", "google.protobuf")
     code = (
         "import sys, time, flightcache.cli, flightcache.server as s;"
         "srv = s.FlightcacheServer('grpc://127.0.0.1:0', shm='off'); time.sleep(1);"
-        "print(sorted(m for m in ('duckdb', 'pandas', 'pyarrow.dataset') if m in sys.modules)); srv.shutdown()"
+        f"print(sorted(m for m in {modules!r} if m in sys.modules)); srv.shutdown()"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
