@@ -24,10 +24,16 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 def _figures(target: dict[str, Any]) -> str:
     parts = []
     for key, value in target.items():
-        if key in ("met", "target") or isinstance(value, (dict, list)) or value is None:
+        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            value = ", ".join(f"{k} {_number(v)}" for k, v in value.items())  # e.g. ratios per thread count
+        elif key in ("met", "target") or isinstance(value, (dict, list)) or value is None:
             continue
-        parts.append(f"{key.replace('_', ' ')} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+        parts.append(f"{key.replace('_', ' ')} {_number(value)}")
     return "; ".join(parts)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def table(results: Path) -> str:
