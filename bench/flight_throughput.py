@@ -48,6 +48,9 @@ PARALLELISM = (1, 2, 4)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
 NAME = "bench/t"
 PUT_NAME = "bench/put"
+# `serve` has glibc map blocks of 1 MiB or more on their own (so gRPC's receive buffers go back at free);
+# a threshold set in the environment wins, and 32 MiB, glibc's own ceiling, keeps them in malloc's arenas.
+ARENAS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 MiB = 2**20
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -76,6 +79,10 @@ NOTES = [
     "flightcache servers run with --shm off, as before, so their figures and RSS stay comparable with earlier runs.",
     "RSS is VmRSS of the `flightcache serve` process, read from /proc; arrow_pool_bytes and the pool from the "
     "server's stats action.",
+    "'malloc arenas' (put/flightcache-arenas, rss_experiments malloc=arenas) is the default server with "
+    "MALLOC_MMAP_THRESHOLD_=32MiB, which overrides serve's own 1 MiB threshold: gRPC's receive buffers are then "
+    "carved from malloc's arenas and reused instead of mapped (and faulted in) afresh for every message: the "
+    "price in DoPut speed, and the gain in RSS, of serve's setting.",
 ]
 
 
@@ -177,6 +184,7 @@ def serve(spec: dict[str, Any]) -> None:
 class ServerProcess:
     label: str
     spec: dict[str, Any]  # {"kind": "bare", "size": N} or {"kind": "flightcache", "flags": [...]}
+    env: dict[str, str] = field(default_factory=dict)  # over this process's environment
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     pool: str = ""
@@ -188,7 +196,8 @@ class ServerProcess:
         else:
             command = [sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json",
                        "--log-level", "WARNING", *self.spec["flags"]]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **self.env})
 
     def ready(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -364,6 +373,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     fc_one = {label: ServerProcess(f"flightcache {label}, 1 endpoint", fc_spec(rows or 1 << 40, ONE_ENDPOINT_BYTES))
               for label, rows in SWEEP.items()}
     fc_default = ServerProcess("flightcache default", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes))
+    fc_arenas = ServerProcess("flightcache, malloc arenas", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes),
+                              env=ARENAS_ENV)
     fc_shm = ServerProcess("flightcache --shm on", fc_spec(DEFAULT_BATCH_ROWS, ONE_ENDPOINT_BYTES, shm=True))
     one_stream = fc_one[_label(DEFAULT_BATCH_ROWS)]
     try:
@@ -409,9 +420,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if s is not one_stream:
                 s.stop()
 
-        start_all([fc_default])
-        servers = [bare, one_stream, fc_default]
+        start_all([fc_default, fc_arenas])
+        servers = [bare, one_stream, fc_default, fc_arenas]
         main = flightcache.connect(fc_default.uri)
+        arenas = flightcache.connect(fc_arenas.uri)
         rss: dict[str, Any] = {"idle": fc_default.memory()}
         started = time.perf_counter()
         put_result = main.put(NAME, table)
@@ -433,6 +445,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                            fc_get(flightcache.connect(fc_default.uri, parallelism=p), rows)) for p in PARALLELISM]
         puts = [Config("put/bare", "put", "bare DoPut (discards)", bare_put(conn, table, "discard")),
                 Config("put/bare-keep", "put", "bare DoPut (keeps)", bare_put(conn, table, "keep")),
+                Config("put/flightcache-arenas", "put", "flightcache DoPut, malloc arenas",
+                       lambda: arenas.put(PUT_NAME, table), after=lambda: arenas.drop(PUT_NAME)),
                 Config("put/flightcache", "put", "flightcache DoPut", lambda: main.put(PUT_NAME, table),
                        after=lambda: main.drop(PUT_NAME))]
         measure(scaling + puts, nbytes, args.reps, servers)
@@ -444,7 +458,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for c in [sweep[list(SWEEP).index(_label(DEFAULT_BATCH_ROWS))], *scaling] if c.key != "fc_parallel/p1"]
         measure(cold, nbytes, args.reps, servers)
     finally:
-        for s in [bare, *fc_one.values(), fc_default, fc_shm]:
+        for s in [bare, *fc_one.values(), fc_default, fc_arenas, fc_shm]:
             s.stop()
 
     results = summarize(sweep + scaling + cold + puts)
@@ -487,11 +501,12 @@ def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]
     held counted as in rss_figures), and on other Arrow memory pools (serve --memory-pool)."""
     import flightcache
 
-    variants: list[tuple[str, tuple[str, ...], bool]] = [("shm=on", (), True)]
-    variants += [(f"pool={p}", ("--memory-pool", p), False) for p in args.pools.split(",") if p]
+    variants: list[tuple[str, tuple[str, ...], bool, dict[str, str]]] = [("shm=on", (), True, {})]
+    variants += [(f"pool={p}", ("--memory-pool", p), False, {}) for p in args.pools.split(",") if p]
+    variants.append(("malloc=arenas", (), False, ARENAS_ENV))
     out: dict[str, Any] = {}
-    for name, flags, shm in variants:
-        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, shm, *flags))
+    for name, flags, shm, env in variants:
+        server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, shm, *flags), env=env)
         try:
             start_all([server])
             client = flightcache.connect(server.uri, shm=False)
@@ -541,6 +556,7 @@ def summarize(configs: list[Config]) -> dict[str, Any]:
         ratios[f"{key} / best bare"] = ratio(key, best.key)
     ratios["put/flightcache / put/bare"] = ratio("put/flightcache", "put/bare")
     ratios["put/flightcache / put/bare-keep"] = ratio("put/flightcache", "put/bare-keep")
+    ratios["put/flightcache / put/flightcache-arenas"] = ratio("put/flightcache", "put/flightcache-arenas")
     return {
         "unit": "GB/s (1e9 Arrow bytes per second)",
         "notes": NOTES,
@@ -610,7 +626,8 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"{c['label']:<38} {c['median']:>11.3f} {vs:>11}  {' '.join(f'{s:.2f}' for s in c['samples'])}")
     r = results["ratios"]
     print(f"\nDoPut flightcache / bare: {r['put/flightcache / put/bare']['of_medians']:.3f} "
-          f"(/ bare that keeps the batches: {r['put/flightcache / put/bare-keep']['of_medians']:.3f})")
+          f"(/ bare that keeps the batches: {r['put/flightcache / put/bare-keep']['of_medians']:.3f}; "
+          f"/ the same server with malloc arenas: {r['put/flightcache / put/flightcache-arenas']['of_medians']:.3f})")
     rss = results["rss"]
     print(f"RSS ({rss['pool']} pool), x Arrow bytes ({rss['arrow_bytes'] / MiB:.0f} MiB); total (minus idle):")
     for when in ("settled", "after_reps"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "spark_read", "load")
+BENCHMARKS = ("flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "pipeline_shm_scale4", "spark_read", "load")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
