@@ -48,9 +48,8 @@ PARALLELISM = (1, 2, 4)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
 NAME = "bench/t"
 PUT_NAME = "bench/put"
-# `serve` has glibc map blocks of 1 MiB or more on their own (so gRPC's receive buffers go back at free);
-# a threshold set in the environment wins, and 32 MiB, glibc's own ceiling, keeps them in malloc's arenas.
-ARENAS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+# `serve` fixes glibc's mmap threshold (32 MiB); the alternatives it was chosen over, side by side.
+MALLOC_VARIANTS = {"glibc": {"FLIGHTCACHE_MMAP_THRESHOLD": "glibc"}, "1MiB": {"FLIGHTCACHE_MMAP_THRESHOLD": "1MiB"}}
 MiB = 2**20
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -79,10 +78,10 @@ NOTES = [
     "flightcache servers run with --shm off, as before, so their figures and RSS stay comparable with earlier runs.",
     "RSS is VmRSS of the `flightcache serve` process, read from /proc; arrow_pool_bytes and the pool from the "
     "server's stats action.",
-    "'malloc arenas' (put/flightcache-arenas, rss_experiments malloc=arenas) is the default server with "
-    "MALLOC_MMAP_THRESHOLD_=32MiB, which overrides serve's own 1 MiB threshold: gRPC's receive buffers are then "
-    "carved from malloc's arenas and reused instead of mapped (and faulted in) afresh for every message: the "
-    "price in DoPut speed, and the gain in RSS, of serve's setting.",
+    "serve fixes glibc's mmap threshold at 32 MiB (FLIGHTCACHE_MMAP_THRESHOLD). put/flightcache-glibc and "
+    "rss_experiments malloc=glibc leave glibc's own threshold, which rises with every mapped block freed (gRPC's "
+    "receive buffers then stay in arenas, and so does freed memory); put/flightcache-1MiB and malloc=1MiB map "
+    "every gRPC receive buffer afresh (faulted in for every message, returned at once).",
 ]
 
 
@@ -373,8 +372,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     fc_one = {label: ServerProcess(f"flightcache {label}, 1 endpoint", fc_spec(rows or 1 << 40, ONE_ENDPOINT_BYTES))
               for label, rows in SWEEP.items()}
     fc_default = ServerProcess("flightcache default", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes))
-    fc_arenas = ServerProcess("flightcache, malloc arenas", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes),
-                              env=ARENAS_ENV)
+    fc_malloc = {k: ServerProcess(f"flightcache, malloc {k}", fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes), env=env)
+                 for k, env in MALLOC_VARIANTS.items()}
     fc_shm = ServerProcess("flightcache --shm on", fc_spec(DEFAULT_BATCH_ROWS, ONE_ENDPOINT_BYTES, shm=True))
     one_stream = fc_one[_label(DEFAULT_BATCH_ROWS)]
     try:
@@ -420,10 +419,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if s is not one_stream:
                 s.stop()
 
-        start_all([fc_default, fc_arenas])
-        servers = [bare, one_stream, fc_default, fc_arenas]
+        start_all([fc_default, *fc_malloc.values()])
+        servers = [bare, one_stream, fc_default, *fc_malloc.values()]
         main = flightcache.connect(fc_default.uri)
-        arenas = flightcache.connect(fc_arenas.uri)
         rss: dict[str, Any] = {"idle": fc_default.memory()}
         started = time.perf_counter()
         put_result = main.put(NAME, table)
@@ -445,10 +443,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                            fc_get(flightcache.connect(fc_default.uri, parallelism=p), rows)) for p in PARALLELISM]
         puts = [Config("put/bare", "put", "bare DoPut (discards)", bare_put(conn, table, "discard")),
                 Config("put/bare-keep", "put", "bare DoPut (keeps)", bare_put(conn, table, "keep")),
-                Config("put/flightcache-arenas", "put", "flightcache DoPut, malloc arenas",
-                       lambda: arenas.put(PUT_NAME, table), after=lambda: arenas.drop(PUT_NAME)),
                 Config("put/flightcache", "put", "flightcache DoPut", lambda: main.put(PUT_NAME, table),
                        after=lambda: main.drop(PUT_NAME))]
+        for k, server in fc_malloc.items():
+            put, drop = _put_and_drop(server.uri, table)
+            puts.append(Config(f"put/flightcache-{k}", "put", f"flightcache DoPut, malloc {k}", put, after=drop))
         measure(scaling + puts, nbytes, args.reps, servers)
         rss["after_reps"] = fc_default.memory()
 
@@ -458,7 +457,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for c in [sweep[list(SWEEP).index(_label(DEFAULT_BATCH_ROWS))], *scaling] if c.key != "fc_parallel/p1"]
         measure(cold, nbytes, args.reps, servers)
     finally:
-        for s in [bare, *fc_one.values(), fc_default, fc_arenas, fc_shm]:
+        for s in [bare, *fc_one.values(), fc_default, *fc_malloc.values(), fc_shm]:
             s.stop()
 
     results = summarize(sweep + scaling + cold + puts)
@@ -496,6 +495,14 @@ def rss_figures(arrow_bytes: int, rss: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _put_and_drop(uri: str, table: pa.Table) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """A put of ``table`` into the server at ``uri`` and the drop to run after it (untimed)."""
+    import flightcache
+
+    client = flightcache.connect(uri)
+    return lambda: client.put(PUT_NAME, table), lambda: client.drop(PUT_NAME)
+
+
 def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]:
     """RSS of fresh default-config servers after one put and after put/drop cycles: with --shm on (memory
     held counted as in rss_figures), and on other Arrow memory pools (serve --memory-pool)."""
@@ -503,7 +510,7 @@ def rss_experiments(args: argparse.Namespace, table: pa.Table) -> dict[str, Any]
 
     variants: list[tuple[str, tuple[str, ...], bool, dict[str, str]]] = [("shm=on", (), True, {})]
     variants += [(f"pool={p}", ("--memory-pool", p), False, {}) for p in args.pools.split(",") if p]
-    variants.append(("malloc=arenas", (), False, ARENAS_ENV))
+    variants += [(f"malloc={k}", (), False, env) for k, env in MALLOC_VARIANTS.items()]
     out: dict[str, Any] = {}
     for name, flags, shm, env in variants:
         server = ServerProcess(name, fc_spec(DEFAULT_BATCH_ROWS, args.endpoint_bytes, shm, *flags), env=env)
@@ -556,7 +563,8 @@ def summarize(configs: list[Config]) -> dict[str, Any]:
         ratios[f"{key} / best bare"] = ratio(key, best.key)
     ratios["put/flightcache / put/bare"] = ratio("put/flightcache", "put/bare")
     ratios["put/flightcache / put/bare-keep"] = ratio("put/flightcache", "put/bare-keep")
-    ratios["put/flightcache / put/flightcache-arenas"] = ratio("put/flightcache", "put/flightcache-arenas")
+    for k in MALLOC_VARIANTS:
+        ratios[f"put/flightcache / put/flightcache-{k}"] = ratio("put/flightcache", f"put/flightcache-{k}")
     return {
         "unit": "GB/s (1e9 Arrow bytes per second)",
         "notes": NOTES,
@@ -627,7 +635,8 @@ def print_summary(results: dict[str, Any]) -> None:
     r = results["ratios"]
     print(f"\nDoPut flightcache / bare: {r['put/flightcache / put/bare']['of_medians']:.3f} "
           f"(/ bare that keeps the batches: {r['put/flightcache / put/bare-keep']['of_medians']:.3f}; "
-          f"/ the same server with malloc arenas: {r['put/flightcache / put/flightcache-arenas']['of_medians']:.3f})")
+          + "; ".join(f"/ malloc {k}: {r[f'put/flightcache / put/flightcache-{k}']['of_medians']:.3f}"
+                      for k in MALLOC_VARIANTS) + ")")
     rss = results["rss"]
     print(f"RSS ({rss['pool']} pool), x Arrow bytes ({rss['arrow_bytes'] / MiB:.0f} MiB); total (minus idle):")
     for when in ("settled", "after_reps"):

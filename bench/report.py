@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "pipeline_shm_scale4", "spark_read", "load")
+BENCHMARKS = (
+    "flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "pipeline_shm_scale4", "spark_read", "load"
+)
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _figures(target: dict[str, Any]) -> str:
     parts = []
     for key, value in target.items():
-        if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             value = ", ".join(f"{k} {_number(v)}" for k, v in value.items())  # e.g. ratios per thread count
         elif key in ("met", "target") or isinstance(value, (dict, list)) or value is None:
             continue

@@ -41,6 +41,7 @@ from .store import (
     Store,
     StoredVersion,
     Version,
+    parse_bytes,
 )
 
 log = logging.getLogger("flightcache.cache")
@@ -52,8 +53,11 @@ PERSIST_MODES = ("none", "sync", "async")
 TRIM_BYTES = 64 * 1024 * 1024
 
 
-# glibc's malloc serves blocks at least this large (gRPC's message buffers) with mappings of their own.
-MMAP_THRESHOLD = 1024 * 1024
+# glibc's malloc maps blocks at least this large on their own (and unmaps them when freed); smaller ones,
+# such as gRPC's receive buffers for Flight batches of ~64Ki rows, come from its arenas and are reused.
+# FLIGHTCACHE_MMAP_THRESHOLD overrides it (a size, or "glibc": glibc's own threshold, which moves).
+MMAP_THRESHOLD = 32 * 1024 * 1024
+MMAP_THRESHOLD_ENV = "FLIGHTCACHE_MMAP_THRESHOLD"
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 
 
@@ -72,19 +76,28 @@ def release_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def mmap_large_allocations() -> bool:
-    """Have glibc map each block of ``MMAP_THRESHOLD`` bytes or more on its own, so that freeing it returns it.
+def mmap_large_allocations() -> int | None:
+    """Fix glibc's mmap threshold (``MMAP_THRESHOLD``, or ``$FLIGHTCACHE_MMAP_THRESHOLD``); the value set,
+    or None where nothing was set (not glibc, ``glibc`` asked for, or ``MALLOC_MMAP_THRESHOLD_`` given).
 
-    By default glibc raises that threshold after the first such block is freed and then carves gRPC's
-    receive buffers from its arenas, where small live allocations pin their pages: after a 1 GiB put a
-    server kept ~18 MiB more (RSS 1.12x the bytes held, not 1.10x), which ``malloc_trim`` did not return.
-    For the process that owns ``main`` (``flightcache serve``); a ``MALLOC_MMAP_THRESHOLD_`` set in the
-    environment is left to rule. False where this is not glibc.
+    glibc's own threshold starts at 128 KiB and rises to the size of each mapped block freed, with a trim
+    threshold twice that: after a few puts gRPC's buffers stay in arenas and freed arena memory is kept.
+    A fixed threshold also fixes the trim threshold (128 KiB), so freed arena tops go back to the OS. Per
+    1 GiB put (bench/flight_throughput.py: put/flightcache, malloc=glibc): the moving threshold puts
+    fastest and holds the most; 1 MiB, which maps every gRPC buffer afresh, put slowest.
+    For the process that owns ``main`` (``flightcache serve``).
     """
+    raw = os.environ.get(MMAP_THRESHOLD_ENV, "")
+    if raw.strip().lower() == "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
+    try:
+        threshold = parse_bytes(raw) if raw else MMAP_THRESHOLD
+    except ValueError as e:
+        raise ValueError(f"{MMAP_THRESHOLD_ENV}={raw!r} is not a size or 'glibc': {e}") from e
     mallopt = _libc_function("mallopt")
-    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, threshold):
+        return None
+    return threshold
 
 
 def process_memory() -> dict[str, Any]:

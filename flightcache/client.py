@@ -278,7 +278,11 @@ class Client:
             request = ReadRequest(
                 name, list(columns) if columns is not None else None, version=version, endpoints=endpoints
             )
-            if filter is not None and not isinstance(filter, str):  # a pyarrow compute Expression
+            if filter is not None and not isinstance(filter, str):
+                import pyarrow.compute as pc  # loaded already by whoever built an Expression
+
+                if not isinstance(filter, pc.Expression):
+                    raise TypeError(f"filter must be a string or a pyarrow compute Expression, not {filter!r}")
                 full = self._call(
                     lambda: self.flight.get_flight_info(flight.FlightDescriptor.for_path(name), self._options())
                 )
@@ -377,9 +381,11 @@ class Client:
     def _read_shared(
         self, name: str, columns: list[str] | None, filter: str | pc.Expression | None, version: int | None
     ) -> pa.Table | None:
-        from .filters import parse_filter
+        expression = filter
+        if isinstance(filter, str):
+            from .filters import parse_filter
 
-        expression = parse_filter(filter) if isinstance(filter, str) else filter  # syntax errors before any call
+            expression = parse_filter(filter)  # a syntax error is reported before any call
         shared = self.shared(name, version)
         if shared is None:
             return None

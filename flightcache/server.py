@@ -490,17 +490,17 @@ def _next_chunk(reader: flight.MetadataRecordBatchReader) -> flight.FlightStream
 
 
 def _filter(request: ReadRequest) -> pc.Expression | None:
-    import pyarrow.compute as pc
-
-    from .filters import parse_filter
-
     if request.filter is not None and request.filter_substrait is not None:
         raise InvalidRequestError("give either filter or filter_substrait, not both")
     if request.filter is not None:
+        from .filters import parse_filter
+
         return parse_filter(request.filter)
     raw = request.substrait_bytes()
     if raw is None:
         return None
+    import pyarrow.compute as pc
+
     try:
         bound = pc.Expression.from_substrait(raw)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import platform
+import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from conftest import logs_table, run_cli, start_server, start_server_ready, stop_server
 
 import flightcache
-from flightcache.cache import mmap_large_allocations
+from flightcache import cache
 from flightcache.errors import SqlError
 
 
@@ -131,12 +132,35 @@ def test_serve_sets_arrows_allocator(flags: tuple[str, ...], pool: str) -> None:
         assert stop_server(proc) == 0
 
 
-def test_serve_maps_large_allocations_on_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    """serve has glibc map big blocks (gRPC's receive buffers) on their own, so freeing them returns them;
-    a MALLOC_MMAP_THRESHOLD_ in the environment wins."""
-    assert mmap_large_allocations() is (platform.libc_ver()[0] == "glibc")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert mmap_large_allocations() is False
+def test_serve_fixes_glibcs_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve fixes glibc's mmap threshold (32 MiB, or FLIGHTCACHE_MMAP_THRESHOLD); 'glibc' and a
+    MALLOC_MMAP_THRESHOLD_ leave glibc's own; a bad value names the variable; no glibc, nothing set."""
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cache, "_libc_function", lambda name: lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv(cache.MMAP_THRESHOLD_ENV, raising=False)
+    assert cache.mmap_large_allocations() == 32 * 2**20 and calls == [(-3, 32 * 2**20)]
+    monkeypatch.setenv(cache.MMAP_THRESHOLD_ENV, "1MiB")
+    assert cache.mmap_large_allocations() == 2**20 and calls[-1] == (-3, 2**20)
+    for env, value in ((cache.MMAP_THRESHOLD_ENV, "glibc"), ("MALLOC_MMAP_THRESHOLD_", "131072")):
+        monkeypatch.setenv(env, value)
+        assert cache.mmap_large_allocations() is None and len(calls) == 2
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv(cache.MMAP_THRESHOLD_ENV, "lots")
+    with pytest.raises(ValueError, match="FLIGHTCACHE_MMAP_THRESHOLD='lots'"):
+        cache.mmap_large_allocations()
+    monkeypatch.delenv(cache.MMAP_THRESHOLD_ENV)
+    monkeypatch.setattr(cache, "_libc_function", lambda name: None)  # not glibc
+    assert cache.mmap_large_allocations() is None
+
+
+def test_serve_refuses_a_bad_mmap_threshold_in_one_line() -> None:
+    """The real command reads FLIGHTCACHE_MMAP_THRESHOLD before serving; a bad one is one line, exit 1."""
+    env = {**os.environ, "FLIGHTCACHE_MMAP_THRESHOLD": "lots"}
+    done = subprocess.run([sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--storage", "none"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and "FLIGHTCACHE_MMAP_THRESHOLD='lots'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_serve_sql_limit_flags() -> None:

@@ -455,16 +455,26 @@ def test_client_pickles_as_settings_and_reconnects(client: flightcache.Client) -
 
 
 def test_server_imports_neither_duckdb_nor_pandas_until_needed() -> None:
-    """An idle memory-only server stays small: DuckDB, pyarrow.dataset (which brings pandas), Parquet,
-    filesystems, compute kernels and protobuf load on first use."""
+    """A memory-only server stays small: DuckDB, pyarrow.dataset (which brings pandas), Parquet,
+    filesystems, compute kernels and protobuf load on first use, not for puts and unfiltered gets."""
     modules = ("duckdb", "pandas", "pyarrow.dataset", "pyarrow.parquet", "pyarrow.fs", "pyarrow.compute",
                "pyarrow._compute", "google.protobuf")
     code = (
-        "import sys, time, flightcache.cli, flightcache.server as s;"
-        "srv = s.FlightcacheServer('grpc://127.0.0.1:0', shm='off'); time.sleep(1);"
-        f"print(sorted(m for m in {modules!r} if m in sys.modules)); srv.shutdown()"
+        "import sys, flightcache.cli, flightcache.server as s;"
+        "srv = s.FlightcacheServer('grpc://127.0.0.1:0', shm='off'); print(srv.port, flush=True);"
+        "sys.stdin.readline();"  # the test's put and gets happen meanwhile
+        f"print(sorted(m for m in {modules!r} if m in sys.modules), flush=True); srv.shutdown()"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    server = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        with flightcache.connect(f"grpc://127.0.0.1:{server.stdout.readline().strip()}", shm=False) as fc:
+            fc.put("t", logs_table(100))
+            assert fc.get("t").num_rows == 100
+            assert fc.get("t", columns=["status"]).num_columns == 1
+        out, _ = server.communicate("\n", timeout=60)
+    finally:
+        server.kill()
     assert out.strip() == "[]"
 
 
