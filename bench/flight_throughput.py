@@ -48,6 +48,7 @@ PARALLELISM = (1, 2, 4)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench_results"
 NAME = "bench/t"
 PUT_NAME = "bench/put"
+SHM_GET_REPEAT = 10  # a mapped get takes ~5-10 ms: each sample is the mean of this many in a row
 # `serve` fixes glibc's mmap threshold (32 MiB); the alternatives it was chosen over, side by side.
 MALLOC_VARIANTS = {"glibc": {"FLIGHTCACHE_MMAP_THRESHOLD": "glibc"}, "1MiB": {"FLIGHTCACHE_MMAP_THRESHOLD": "1MiB"}}
 MiB = 2**20
@@ -72,7 +73,8 @@ NOTES = [
     "put/bare discards every chunk (the issue's floor); put/bare-keep holds the last put's batches like a cache.",
     "fc_shm/*: a server with --shm on (64Ki batches, one endpoint). fc_shm/get is client.get on the same host: one "
     "action round trip, then the version's Arrow IPC files under /dev/shm are mapped and checked, and a Table over "
-    "the mapping is returned, no byte copied (what a pipeline stage gets). fc_shm/get+touch also reads one byte of "
+    "the mapping is returned, no byte copied (what a pipeline stage gets); each of its samples is the mean of "
+    f"{SHM_GET_REPEAT} gets in a row (one get takes a few ms). fc_shm/get+touch also reads one byte of "
     "every 4 KiB page of every buffer, so every page is faulted into the client: the cost of actually using all of "
     "it. fc_shm/do_get streams the same server's mapped batches over loopback (client shm=False). The other "
     "flightcache servers run with --shm off, as before, so their figures and RSS stay comparable with earlier runs.",
@@ -275,6 +277,7 @@ class Config:
     run: Callable[[], None]
     before: Callable[[], object] = lambda: None  # untimed, before each run
     after: Callable[[], object] = lambda: None  # untimed clean-up after each run
+    repeat: int = 1  # runs per timed sample: a read of a few ms is timed over several, so one hiccup cannot decide it
     samples: list[float] = field(default_factory=list)  # GB/s
     cpu: list[tuple[float, float, float, float]] = field(default_factory=list)  # client u/s, servers u/s
 
@@ -342,10 +345,11 @@ def measure(configs: list[Config], nbytes: int, reps: int, servers: list[ServerP
             c.before()
             client0, servers0 = os.times(), [s.cpu() for s in servers]
             started = time.perf_counter()
-            c.run()
+            for _ in range(c.repeat):
+                c.run()
             elapsed = time.perf_counter() - started
             client1, servers1 = os.times(), [s.cpu() for s in servers]
-            c.samples.append(nbytes / elapsed / GB)
+            c.samples.append(nbytes * c.repeat / elapsed / GB)
             c.cpu.append((client1.user - client0.user, client1.system - client0.system,
                           sum(b[0] - a[0] for a, b in zip(servers0, servers1, strict=True)),
                           sum(b[1] - a[1] for a, b in zip(servers0, servers1, strict=True))))
@@ -405,7 +409,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                       for label in SWEEP]
         fc_sweep = [Config(f"fc_get/{label}", "fc_get", f"flightcache {label}",
                            fc_get(flightcache.connect(fc_one[label].uri), rows)) for label in SWEEP]
-        shm_reads = [Config("fc_shm/get", "fc_shm", "flightcache shm client.get", fc_shm_get(shm_client, rows, False)),
+        shm_reads = [Config("fc_shm/get", "fc_shm", "flightcache shm client.get", fc_shm_get(shm_client, rows, False),
+                            repeat=SHM_GET_REPEAT),
                      Config("fc_shm/get+touch", "fc_shm", "fc shm get + touch every page",
                             fc_shm_get(shm_client, rows, True)),
                      Config("fc_shm/do_get", "fc_shm", "fc shm server, do_get",
