@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError
+from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError, UnauthenticatedError
 from .protocol import (
     AbortRequest,
     CommitRequest,
@@ -101,6 +101,7 @@ class Client:
         self.batch_rows = batch_rows
         self.shm = default_shm() if shm is None else shm
         self._conn: flight.FlightClient | None = None
+        self._header: _Authorization | None = None  # the connection's authorization, renewed with its session
         self._pid = -1
         self._workers: ThreadPoolExecutor | None = None  # kept: fresh threads per get page-fault their memory in again
         self._no_shm_pid = -1  # the process in which shared memory proved unreachable
@@ -137,19 +138,23 @@ class Client:
                     f"invalid flightcache URI {self.uri!r}: {e}; use grpc://HOST:PORT or grpc+tls://HOST:PORT"
                 ) from e
             if self.username is not None:
-                assert self.password is not None
-                try:
-                    _, bearer = self._call(
-                        lambda: conn.authenticate_basic_token(self.username, self.password, self._options())
-                    )
-                except pa.ArrowNotImplementedError:
-                    raise NotImplementedByServerError(
-                        f"the server at {self.uri} takes no credentials (it runs without --auth-token-file); "
-                        "connect without username and password"
-                    ) from None
-                header.value = bearer.decode()
-            self._conn, self._pid = conn, os.getpid()
+                self._open_session(conn, header)
+            self._conn, self._header, self._pid = conn, header, os.getpid()
         return self._conn
+
+    def _open_session(self, conn: flight.FlightClient, header: _Authorization) -> None:
+        """Basic auth the Flight way: a handshake answered with a bearer session token for later calls."""
+        assert self.username is not None and self.password is not None
+        try:
+            _, bearer = conn.authenticate_basic_token(self.username, self.password, self._options())
+        except pa.ArrowNotImplementedError:
+            raise NotImplementedByServerError(
+                f"the server at {self.uri} takes no credentials (it runs without --auth-token-file); "
+                "connect without username and password"
+            ) from None
+        except flight.FlightError as e:
+            raise error_from_flight(e, self.uri) from None
+        header.value = bearer.decode()
 
     def _pool(self) -> ThreadPoolExecutor:
         """Threads for parallel endpoint reads, made on first use and again after a fork."""
@@ -168,6 +173,7 @@ class Client:
             if self._workers is not None:
                 self._workers.shutdown(wait=False)
         self._conn = None
+        self._header = None
         self._workers = None
 
     def __enter__(self) -> Client:
@@ -180,6 +186,16 @@ class Client:
         return f"Client({self.uri!r})"
 
     def _call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` with Flight errors as flightcache's. A basic-auth session that ended (it expired, or the
+        server restarted) is opened again once and the call retried: tokens are the caller's to renew."""
+        try:
+            return fn()
+        except flight.FlightError as e:
+            error = error_from_flight(e, self.uri)
+        if not isinstance(error, UnauthenticatedError) or self.username is None or self._header is None:
+            raise error
+        assert self._conn is not None
+        self._open_session(self._conn, self._header)  # wrong credentials by now: raises that, plainly
         try:
             return fn()
         except flight.FlightError as e:

@@ -408,6 +408,25 @@ def test_basic_auth_in_the_python_client(secured: Secured) -> None:
         flightcache.connect(secured.uri, username="bob", password="nope").list()
 
 
+def test_the_client_opens_an_ended_session_again() -> None:
+    """A basic-auth client whose session expired handshakes again and retries once; credentials that no
+    longer hold give the handshake's clear error."""
+    now = [0.0]
+    auth = Auth(users={"u": ("p", "write")}, session_seconds=10, clock=lambda: now[0])
+    server = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), auth=auth, shm="off")
+    try:
+        with flightcache.connect(f"grpc://127.0.0.1:{server.port}", username="u", password="p") as fc:
+            fc.put("t", logs_table(3))
+            now[0] = 11  # the session has expired
+            assert fc.get("t").num_rows == 3 and [d["name"] for d in fc.list()] == ["t"]
+            auth._credentials = Credentials.parse(f"{WRITE_TOKEN}")  # the user left the file
+            now[0] = 22
+            with pytest.raises(UnauthenticatedError, match="wrong user or password"):
+                fc.list()
+    finally:
+        server.shutdown()
+
+
 def test_basic_auth_against_a_server_without_credentials(uri: str) -> None:
     with pytest.raises(NotImplementedByServerError, match="takes no credentials"):
         flightcache.connect(uri, username="bob", password="x").list()
