@@ -240,7 +240,7 @@ COUNTERS = (
     ("flightcache_hits", "hits", "Reads of a dataset found in memory."),
     ("flightcache_misses", "misses", "Reads of a dataset that had to be loaded from storage."),
     ("flightcache_evictions", "evictions", "Datasets evicted from memory (they stay in storage)."),
-    ("flightcache_served_bytes", "bytes_served", "Dataset bytes streamed to readers (unfiltered reads)."),
+    ("flightcache_served_bytes", "bytes_served", "Dataset bytes streamed to readers (after projection and filter)."),
     ("flightcache_received_bytes", "bytes_received", "Dataset bytes received by puts."),
     ("flightcache_loaded_bytes", "bytes_loaded", "Bytes loaded into memory from storage or external Parquet."),
     ("flightcache_persisted_bytes", "bytes_persisted", "Bytes written to the storage tier."),

@@ -258,14 +258,32 @@ class FlightcacheServer(flight.FlightServerBase):
         if expression is not None:  # a ticket is client bytes: fail here, not mid-stream, if the filter is wrong
             self.store.check_read(version, columns=t.columns, filter=expression)
         reader = self.store.scan(version, columns=t.columns, filter=expression, batch_range=(t.start, t.end))
-        if request.filter is None and request.filter_substrait is None:
-            served = sum(batch_nbytes(b) for b in version.batches[t.start : t.end])
-            self._count(gets=1, bytes_served=served)
-            self.store.count(t.name, bytes_served=served)
-            note(context, rows=sum(b.num_rows for b in version.batches[t.start : t.end]), bytes=served)
-        else:
-            self._count(gets=1)
-        return flight.RecordBatchStream(reader)
+        self._count(gets=1)
+        if expression is None:  # what will be sent is known: stream the stored batches with no Python per batch
+            batches = version.batches[t.start : t.end]
+            if t.columns is not None:
+                batches = [b.select(t.columns) for b in batches]
+            served = sum(batch_nbytes(b) for b in batches)
+            self._served(t.name, served)
+            note(context, rows=sum(b.num_rows for b in batches), bytes=served)
+            return flight.RecordBatchStream(reader)
+        counted = pa.RecordBatchReader.from_batches(reader.schema, self._counting(reader, t.name))
+        return flight.RecordBatchStream(counted)  # not GeneratorStream: it sends no dictionaries for no batches
+
+    def _counting(self, reader: pa.RecordBatchReader, name: str) -> Iterator[pa.RecordBatch]:
+        """A filtered read's batches, their bytes counted as served when the stream ends or is cut (not in
+        the request log: the call may be over by then)."""
+        nbytes = 0
+        try:
+            for batch in reader:
+                nbytes += batch_nbytes(batch)
+                yield batch
+        finally:
+            self._served(name, nbytes)
+
+    def _served(self, name: str, nbytes: int) -> None:
+        self._count(bytes_served=nbytes)
+        self.store.count(name, bytes_served=nbytes)
 
     # -- writes ----------------------------------------------------------------------------
 

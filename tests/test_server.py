@@ -478,6 +478,23 @@ def test_server_imports_neither_duckdb_nor_pandas_until_needed() -> None:
     assert out.strip() == "[]"
 
 
+def test_bytes_served_are_what_was_streamed(uri: str) -> None:
+    """bytes_served counts the bytes a read streamed: all of them, the projected columns, the filtered rows."""
+    with flightcache.connect(uri, shm=False) as fc:
+        fc.put("b", logs_table(1000))
+
+        def served() -> int:
+            return int(fc.stats()["per_dataset"]["b"]["bytes_served"])
+
+        full = fc.get("b")
+        assert served() == full.nbytes
+        fc.get("b", columns=["status"])
+        assert served() == full.nbytes + full.select(["status"]).nbytes
+        before = served()
+        errors = fc.get("b", filter="status >= 500")
+        assert 0 < errors.num_rows < 1000 and served() == before + errors.nbytes
+
+
 def test_stats_counts(client: flightcache.Client) -> None:
     client.put("s", logs_table(100))
     client.get("s")
