@@ -82,9 +82,9 @@ def mmap_large_allocations() -> int | None:
 
     glibc's own threshold starts at 128 KiB and rises to the size of each mapped block freed, with a trim
     threshold twice that: after a few puts gRPC's buffers stay in arenas and freed arena memory is kept.
-    A fixed threshold also fixes the trim threshold (128 KiB), so freed arena tops go back to the OS. Per
-    1 GiB put (bench/flight_throughput.py: put/flightcache, malloc=glibc): the moving threshold puts
-    fastest and holds the most; 1 MiB, which maps every gRPC buffer afresh, put slowest.
+    A fixed threshold also fixes the trim threshold (128 KiB), so freed arena tops go back to the OS. In
+    bench/flight_throughput.py (put/flightcache-*, rss_experiments malloc=*), glibc's moving threshold
+    held more after a 1 GiB put and put no faster; 1 MiB, which maps every gRPC buffer afresh, put slowest.
     For the process that owns ``main`` (``flightcache serve``).
     """
     raw = os.environ.get(MMAP_THRESHOLD_ENV, "")

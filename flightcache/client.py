@@ -185,14 +185,15 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.uri!r})"
 
-    def _call(self, fn: Callable[[], Any]) -> Any:
+    def _call(self, fn: Callable[[], Any], retry: bool = True) -> Any:
         """``fn()`` with Flight errors as flightcache's. A basic-auth session that ended (it expired, or the
-        server restarted) is opened again once and the call retried: tokens are the caller's to renew."""
+        server restarted) is opened again once and, with ``retry``, the call retried (only for calls that
+        can run again from the start); tokens are the caller's to renew."""
         try:
             return fn()
         except flight.FlightError as e:
             error = error_from_flight(e, self.uri)
-        if not isinstance(error, UnauthenticatedError) or self.username is None or self._header is None:
+        if not isinstance(error, UnauthenticatedError) or self.username is None or self._header is None or not retry:
             raise error
         assert self._conn is not None
         self._open_session(self._conn, self._header)  # wrong credentials by now: raises that, plainly
@@ -227,10 +228,16 @@ class Client:
         with the others at ``commit``.
         """
         validate_name(name)
-        reader, rows = _as_reader(data, self.batch_rows)
+        source = _as_arrow(data)
+        rows = source.num_rows if isinstance(source, pa.Table) else None
         options = PutOptions(mode=mode, expect_rows=rows, txn=txn, persist=persist, ttl=ttl, trailer=True)
+        if rows is None and self.username is not None:
+            # A one-shot stream cannot be sent again if its session turns out to have ended mid-put:
+            # a call that renews an ended session first.
+            self._call(lambda: list(self.flight.list_actions(self._options())))
 
         def run() -> dict[str, Any]:
+            reader = source.to_reader(max_chunksize=self.batch_rows) if isinstance(source, pa.Table) else source
             writer, results = self.flight.do_put(flight.FlightDescriptor.for_path(name), reader.schema, self._options())
             try:
                 writer.write_metadata(options.to_bytes())
@@ -252,7 +259,7 @@ class Client:
             writer.close()
             return json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
 
-        return self._call(run)
+        return self._call(run, retry=rows is not None)  # a Table is streamed afresh by each attempt
 
     def commit(
         self,
@@ -603,8 +610,8 @@ def read_ca(ca: str | os.PathLike[str] | bytes | None) -> bytes | None:
         raise InvalidRequestError(f"cannot read the TLS CA certificate {os.fspath(ca)!r}: {e.strerror}") from e
 
 
-def _as_reader(data: Any, batch_rows: int) -> tuple[pa.RecordBatchReader, int | None]:
-    """A reader of well-sized batches over ``data``, and its row count when known up front."""
+def _as_arrow(data: Any) -> pa.Table | pa.RecordBatchReader:
+    """``data`` as a Table (its rows known up front, streamable again) or a one-shot RecordBatchReader."""
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     if not isinstance(data, (pa.Table, pa.RecordBatchReader)):
@@ -620,6 +627,4 @@ def _as_reader(data: Any, batch_rows: int) -> tuple[pa.RecordBatchReader, int | 
                 f"cannot put a {type(data).__name__}: give a pyarrow Table, RecordBatch or "
                 "RecordBatchReader, or a pandas or polars DataFrame"
             )
-    if isinstance(data, pa.Table):
-        return data.to_reader(max_chunksize=batch_rows), data.num_rows
-    return data, None
+    return data

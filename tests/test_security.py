@@ -419,8 +419,18 @@ def test_the_client_opens_an_ended_session_again() -> None:
             fc.put("t", logs_table(3))
             now[0] = 11  # the session has expired
             assert fc.get("t").num_rows == 3 and [d["name"] for d in fc.list()] == ["t"]
-            auth._credentials = Credentials.parse(f"{WRITE_TOKEN}")  # the user left the file
+            # A put that found its session gone must not resend what is left of a one-shot stream.
+            table = logs_table(30_000)
             now[0] = 22
+            fc.put("r", pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=1000)))
+            assert fc.get("r").equals(table)
+            now[0] = 33
+            fc.put("t", table)
+            assert fc.get("t").equals(table)
+            now[0] = 44
+            assert sum(b.num_rows for b in fc.stream("t")) == 30_000
+            auth._credentials = Credentials.parse(f"{WRITE_TOKEN}")  # the user left the file
+            now[0] = 55
             with pytest.raises(UnauthenticatedError, match="wrong user or password"):
                 fc.list()
     finally:
