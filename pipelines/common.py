@@ -3,8 +3,10 @@
 A hand-off is where one stage leaves its output for the next:
 
 * ``flightcache``: Arrow record batches into a flightcache server (format ``flightcache``);
+* ``s3a``: Spark's own Parquet on ``s3a://`` paths, through Spark's S3 connector (pipelines/s3a.py),
+  what Spark users on S3 run: the baseline the cache replaces;
 * ``s3``: Parquet files in object storage, read and written through pyarrow's S3 filesystem
-  (format ``arrow-parquet``; Spark here has no s3a connector), the baseline the cache replaces;
+  (format ``arrow-parquet``), the baseline before S3A was set up here;
 * ``local``: Spark's own Parquet on local disk.
 
 Stages run in a process of their own (one Spark application per stage, as under a scheduler that
@@ -27,7 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-HANDOFFS = ("flightcache", "s3", "local")
+import s3a
+
+HANDOFFS = ("flightcache", "s3a", "s3", "local")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class Handoff:
                 .mode("overwrite")
                 .save(name)
             )
+        elif self.mode == "s3a":
+            df.write.mode("overwrite").parquet(self.s3a_path(name))
         elif self.mode == "s3":
             df.write.format("arrow-parquet").mode("overwrite").save(f"{self.s3_prefix}/handoff/{name}")
         elif self.mode == "local":
@@ -82,10 +88,15 @@ class Handoff:
             return sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
         return int(self.read(spark, name).count())  # Spark's Parquet counts from footers
 
+    def s3a_path(self, name: str) -> str:
+        return s3a.to_s3a(f"{self.s3_prefix}/handoff/{name}")
+
     def read(self, spark: Any, name: str) -> Any:
         """The DataFrame an earlier stage handed off as ``name``."""
         if self.mode == "flightcache":
             return spark.read.format("flightcache").option("uri", self.cache_uri).load(name)
+        if self.mode == "s3a":
+            return spark.read.parquet(self.s3a_path(name))
         if self.mode == "s3":
             return spark.read.format("arrow-parquet").load(f"{self.s3_prefix}/handoff/{name}")
         if self.mode == "local":
@@ -101,7 +112,7 @@ def spark_session(app: str, cores: int = 2) -> Any:
 
     import flightcache.spark
 
-    spark = (
+    builder = (
         SparkSession.builder.master(f"local[{cores}]")
         .appName(app)
         .config("spark.ui.enabled", "false")
@@ -110,8 +121,8 @@ def spark_session(app: str, cores: int = 2) -> Any:
         .config("spark.driver.memory", "2g")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.spark_daemon"))
-        .getOrCreate()
     )
+    spark = s3a.configure(builder).getOrCreate()  # every stage reads its input from S3 with S3A
     spark.sparkContext.setLogLevel("ERROR")
     flightcache.spark.register(spark)
     return spark

@@ -7,10 +7,12 @@
     stage 3   sessionize (30 min inactivity) and aggregate per session and hour   -> logs/sessions, logs/hourly
     stage 4   join with the page catalog (a dimension table) and report           -> logs/report
 
-Stages hand their output to the next through ``--handoff``: ``flightcache`` (the cache), ``s3``
-(Parquet in object storage) or ``local`` (Spark's Parquet on local disk). All three give identical
-reports. ``run`` starts the services it needs (moto S3 as the cloud, a flightcache server) unless
-told where they are, runs the stages one after another and prints what each did.
+Every stage reads its input from object storage with Spark's S3 connector (``s3a://``, pipelines/s3a.py).
+Stages hand their output to the next through ``--handoff``: ``flightcache`` (the cache), ``s3a``
+(Spark's Parquet in object storage), ``s3`` (Parquet in object storage through pyarrow) or ``local``
+(Spark's Parquet on local disk). All give identical reports. ``run`` starts the services it needs
+(moto S3 as the cloud, a flightcache server) unless told where they are, runs the stages one after
+another and prints what each did.
 
     python pipelines/logs.py run --handoff flightcache --rows 1000000
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common import HANDOFFS, Handoff, flightcache_server, moto_s3, reset_dir, run_stage, spark_session
+from s3a import to_s3a
 
 HERE = Path(__file__).resolve()
 BUCKET = "pipeline-data"
@@ -169,7 +172,7 @@ def stage_ingest(h: Handoff) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     spark, session_s = _session("logs-1-ingest")
-    raw = spark.read.format("arrow-parquet").load(f"{h.s3_prefix}/raw/logs")
+    raw = spark.read.parquet(to_s3a(f"{h.s3_prefix}/raw/logs"))  # the input, from S3 as Spark reads it
     lines = raw.where(F.length(F.trim("line")) > 0).withColumn("ingested_at", F.lit("2026-11-25T00:00:00Z"))
     h.write(lines, "logs/raw")
     return {"stage": "ingest", "session_s": session_s, "rows_out": {"logs/raw": h.count(spark, "logs/raw")}}
@@ -247,7 +250,7 @@ def stage_report(h: Handoff, out: str | None) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     spark, session_s = _session("logs-4-report")
-    pages = spark.read.format("arrow-parquet").load(f"{h.s3_prefix}/dims/pages")
+    pages = spark.read.parquet(to_s3a(f"{h.s3_prefix}/dims/pages"))
     hourly = h.read(spark, "logs/hourly").join(F.broadcast(pages), "path", "left")
     sessions = h.read(spark, "logs/sessions").join(
         F.broadcast(pages.withColumnRenamed("path", "entry_path").withColumnRenamed("section", "entry_section")),
@@ -298,15 +301,18 @@ STAGES = {
 }
 
 
-def _warm_up(spark: Any) -> None:
-    """Start the application's Python processes as a running cluster has them: one tiny write and read
-    through a Python data source. Spark forks a process per kind of step (plan, task, commit) from a
-    daemon it starts on first use, seconds each time; every hand-off mode gets the same warm-up."""
+def _warm_up(spark: Any, s3_prefix: str) -> None:
+    """Start the application's Python processes and its S3 client as a running cluster has them: one
+    tiny write and read through a Python data source, and one through S3A. Spark forks a process per
+    kind of step (plan, task, commit) from a daemon it starts on first use, seconds each time, and S3A's
+    first use loads the AWS SDK, ~15 s here; every hand-off mode gets the same warm-up."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         spark.range(4).write.format("arrow-parquet").mode("overwrite").save(f"{tmp}/warm")
         spark.read.format("arrow-parquet").load(f"{tmp}/warm").collect()
+    spark.range(4).write.mode("overwrite").parquet(to_s3a(f"{s3_prefix}/warm"))
+    spark.read.parquet(to_s3a(f"{s3_prefix}/warm")).collect()
 
 
 # -- run ----------------------------------------------------------------------------------------------
@@ -397,7 +403,7 @@ def main() -> int:
     if args.command == "stage":
         h = Handoff.from_env()
         if args.one_app:
-            _warm_up(spark_session("logs"))  # the stages' sessions are this one
+            _warm_up(spark_session("logs"), h.s3_prefix)  # the stages' sessions are this one
         summaries = []
         for number in args.numbers:
             _, fn = STAGES[number]
