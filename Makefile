@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-fast lint bench clean s3a-jars
+.PHONY: demo demo-quick test test-fast lint bench clean s3a-jars alluxio-jars
 
 # Spark's S3 connector (hadoop-aws for pyspark's Hadoop, the AWS SDK bundle, the committer binding)
 # from Maven Central into connectors/s3a/target/jars; the pipelines read S3 through it.
@@ -16,6 +16,15 @@ $(S3A_JARS): connectors/s3a/pom.xml
 	@touch $@
 
 s3a-jars: $(S3A_JARS)
+
+# Alluxio 2.9's master, worker and shaded client, for the pipeline benchmark's alluxio mode.
+ALLUXIO_JARS := connectors/alluxio/target/.fetched
+$(ALLUXIO_JARS): connectors/alluxio/pom.xml
+	rm -rf connectors/alluxio/target
+	mvn -q -B -f connectors/alluxio/pom.xml package
+	@touch $@
+
+alluxio-jars: $(ALLUXIO_JARS)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +39,7 @@ demo: $(STAMP) $(S3A_JARS)
 demo-quick: $(STAMP)
 	$(PY) pipelines/two_stage.py
 
-test: $(STAMP) $(S3A_JARS)
+test: $(STAMP) $(S3A_JARS) $(ALLUXIO_JARS)
 	$(PY) -m ruff check flightcache tests bench pipelines
 	$(PY) -m pytest
 
@@ -40,7 +49,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check flightcache tests bench pipelines
 
-bench: $(STAMP) $(S3A_JARS)
+bench: $(STAMP) $(S3A_JARS) $(ALLUXIO_JARS)
 	$(PY) bench/flight_throughput.py
 	$(PY) bench/storage.py
 	$(PY) bench/sql.py

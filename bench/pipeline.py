@@ -17,6 +17,9 @@ all modes alike:
                      host) map the hand-offs from the server's shared memory
   flightcache-noshm  the same with shared-memory reads off (FLIGHTCACHE_SHM=0): they stream over Flight
   flightcache-async  through the cache with write-back persistence to the shaped S3
+  alluxio            Spark's own Parquet on alluxio:// paths: an Alluxio 2.9 master and worker on this
+                     host (started once for the benchmark), blocks in memory, under-storage on the
+                     shaped S3, written MUST_CACHE (memory only, as the flightcache mode)
 
 The stages run as jobs of one Spark application, as on a running cluster (``--spark one-app``, the
 default), or each as its own application, paying a JVM start per stage (``--spark per-stage``).
@@ -60,9 +63,17 @@ MODES = (
     "flightcache",
     "flightcache-noshm",
     "flightcache-async",
+    "alluxio",
 )
 UNSHAPED = ("s3a-local", "s3-local")
-HANDOFF = {"s3a-cloud": "s3a", "s3a-local": "s3a", "s3-cloud": "s3", "s3-local": "s3", "local": "local"}
+HANDOFF = {
+    "s3a-cloud": "s3a",
+    "s3a-local": "s3a",
+    "s3-cloud": "s3",
+    "s3-local": "s3",
+    "local": "local",
+    "alluxio": "alluxio",
+}
 # The default leaves out the secondary comparisons (pyarrow's S3 unshaped, shared memory off, write-back)
 # to stay within ~20 minutes here; make bench runs all eight.
 DEFAULT_MODES = ("s3a-cloud", "s3a-local", "s3-cloud", "local", "flightcache")
@@ -94,6 +105,12 @@ def run_once(mode: str, args: argparse.Namespace, env: dict[str, str], work: Pat
         "quiet": True,
         "one_app": args.spark == "one-app",
     }
+    if handoff == "alluxio":
+        master = env["ALLUXIO_MASTER_ADDRESS"]
+        common["env"] = {**run_env, "ALLUXIO_MASTER": master}  # the stages' Spark loads Alluxio's client
+        result = logs.run(handoff, cache_uri=None, persist="none", alluxio_uri=f"alluxio://{master}", **common)
+        result["server_peak_rss"] = None
+        return result
     if handoff != "flightcache":
         result = logs.run(handoff, cache_uri=None, persist="none", **common)
         result["server_peak_rss"] = None
@@ -307,6 +324,14 @@ def main() -> int:
         direct = env["AWS_ENDPOINT_URL"]
         shaped = start_proxy(int(direct.rsplit(":", 1)[1]), args.latency_ms, args.bandwidth_mbps, args.jitter, stack)
         env = {**env, "AWS_ENDPOINT_URL_DIRECT": direct, "AWS_ENDPOINT_URL_SHAPED": shaped}
+        if "alluxio" in modes:  # one Alluxio cluster for the benchmark, as a running cluster is
+            from alluxio import alluxio_cluster
+
+            progress("starting an Alluxio master and worker, under-storage on the shaped S3")
+            master = stack.enter_context(
+                alluxio_cluster(f"s3://{logs.BUCKET}/alluxio", {**env, "AWS_ENDPOINT_URL": shaped})
+            )
+            env["ALLUXIO_MASTER_ADDRESS"] = master
         os.environ["AWS_ENDPOINT_URL"] = direct
         for key, value in env.items():
             os.environ.setdefault(key, value)

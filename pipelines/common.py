@@ -7,7 +7,9 @@ A hand-off is where one stage leaves its output for the next:
   what Spark users on S3 run: the baseline the cache replaces;
 * ``s3``: Parquet files in object storage, read and written through pyarrow's S3 filesystem
   (format ``arrow-parquet``), the baseline before S3A was set up here;
-* ``local``: Spark's own Parquet on local disk.
+* ``local``: Spark's own Parquet on local disk;
+* ``alluxio``: Spark's own Parquet on ``alluxio://`` paths, an Alluxio master and worker on this
+  host (pipelines/alluxio.py).
 
 Stages run in a process of their own (one Spark application per stage, as under a scheduler that
 submits jobs, or all four in one, as on a running cluster) and learn where to hand off from the
@@ -31,7 +33,7 @@ from typing import Any
 
 import s3a
 
-HANDOFFS = ("flightcache", "s3a", "s3", "local")
+HANDOFFS = ("flightcache", "s3a", "s3", "local", "alluxio")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Handoff:
     s3_prefix: str = ""  # s3://bucket/prefix for the s3 hand-off (and the raw input)
     local_dir: str = ""  # a directory for the local hand-off
     persist: str = "none"  # persistence of flightcache hand-offs: none, sync or async
+    alluxio_uri: str = ""  # alluxio://host:port for the alluxio hand-off
 
     def env(self) -> dict[str, str]:
         return {"PIPELINE_HANDOFF": json.dumps(asdict(self))}
@@ -63,6 +66,8 @@ class Handoff:
             )
         elif self.mode == "s3a":
             df.write.mode("overwrite").parquet(self.s3a_path(name))
+        elif self.mode == "alluxio":
+            df.write.mode("overwrite").parquet(f"{self.alluxio_uri}/handoff/{name}")
         elif self.mode == "s3":
             df.write.format("arrow-parquet").mode("overwrite").save(f"{self.s3_prefix}/handoff/{name}")
         elif self.mode == "local":
@@ -97,6 +102,8 @@ class Handoff:
             return spark.read.format("flightcache").option("uri", self.cache_uri).load(name)
         if self.mode == "s3a":
             return spark.read.parquet(self.s3a_path(name))
+        if self.mode == "alluxio":
+            return spark.read.parquet(f"{self.alluxio_uri}/handoff/{name}")
         if self.mode == "s3":
             return spark.read.format("arrow-parquet").load(f"{self.s3_prefix}/handoff/{name}")
         if self.mode == "local":
@@ -122,7 +129,13 @@ def spark_session(app: str, cores: int = 2) -> Any:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.spark_daemon"))
     )
-    spark = s3a.configure(builder).getOrCreate()  # every stage reads its input from S3 with S3A
+    extra_jars = []
+    if os.environ.get("ALLUXIO_MASTER"):  # the alluxio hand-off
+        import alluxio
+
+        builder = alluxio.configure(builder, os.environ["ALLUXIO_MASTER"])
+        extra_jars.append(alluxio.client_jar())
+    spark = s3a.configure(builder, extra_jars=extra_jars).getOrCreate()  # every stage reads its input with S3A
     spark.sparkContext.setLogLevel("ERROR")
     flightcache.spark.register(spark)
     return spark

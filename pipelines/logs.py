@@ -331,6 +331,7 @@ def run(
     s3_prefix: str,
     quiet: bool = False,
     one_app: bool = False,
+    alluxio_uri: str = "",
 ) -> dict[str, Any]:
     """Run the four stages with one hand-off mode, the services already running.
 
@@ -341,7 +342,7 @@ def run(
     """
     if handoff == "local":
         reset_dir(work / "handoff")
-    h = Handoff(handoff, cache_uri or "", s3_prefix, str(work / "handoff"), persist)
+    h = Handoff(handoff, cache_uri or "", s3_prefix, str(work / "handoff"), persist, alluxio_uri)
     report_args = ["--report-out", report_out] if report_out else []
     result: dict[str, Any] = {"handoff": handoff, "rows": rows}
     if one_app:

@@ -16,6 +16,7 @@ the classic one.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ def to_s3a(uri: str) -> str:
     return "s3a://" + uri.removeprefix("s3://")
 
 
-def configure(builder: Any, env: dict[str, str] | None = None) -> Any:
-    """``builder`` (a SparkSession builder, before the JVM starts) with S3A on its classpath, pointed at
-    the S3 endpoint, credentials and region of ``env`` (default: the process environment)."""
-    classpath = os.pathsep.join(str(j) for j in jars())
+def configure(builder: Any, env: dict[str, str] | None = None, extra_jars: Sequence[Path] = ()) -> Any:
+    """``builder`` (a SparkSession builder, before the JVM starts) with S3A (and ``extra_jars``) on its
+    classpath, pointed at the S3 endpoint, credentials and region of ``env`` (default: the process
+    environment)."""
+    classpath = os.pathsep.join(str(j) for j in [*jars(), *extra_jars])
     env = dict(os.environ if env is None else env)
     endpoint = env.get("AWS_ENDPOINT_URL", "")
     hadoop = {

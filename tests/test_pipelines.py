@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-# The benchmark's quick run starts eight Spark applications (one per hand-off mode), the per-stage run four.
+# The benchmark's quick run starts nine Spark applications (one per hand-off mode), the per-stage run four.
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(1800)]
 
 
@@ -21,9 +21,9 @@ def _run(*args: str, cwd: Path) -> str:
 
 
 def test_pipeline_benchmark_quick_all_modes_identical(tmp_path: Path) -> None:
-    """bench/pipeline.py --quick: the log pipeline in all eight hand-off modes (flightcache with and
+    """bench/pipeline.py --quick: the log pipeline in all nine hand-off modes (flightcache with and
     without shared-memory reads, Spark's own S3A shaped and unshaped, pyarrow's S3 shaped and
-    unshaped, local, flightcache with write-back) gives identical reports, and the JSON the benchmark
+    unshaped, local, flightcache with write-back, Alluxio) gives identical reports, and the JSON the benchmark
     writes has what the README table is made from."""
     _run(str(ROOT / "bench" / "pipeline.py"), "--quick", "--modes", "all", "--out", str(tmp_path), cwd=tmp_path)
     result = json.loads((tmp_path / "pipeline.json").read_text())
@@ -37,6 +37,7 @@ def test_pipeline_benchmark_quick_all_modes_identical(tmp_path: Path) -> None:
         "flightcache",
         "flightcache-noshm",
         "flightcache-async",
+        "alluxio",
     }
     for mode in result["modes"].values():
         assert len(mode["total_s"]) == 1 and len(mode["app_start_s"]) == 1  # one application, started apart
