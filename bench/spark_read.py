@@ -42,7 +42,7 @@ def main() -> int:
         args.size, args.pairs = "16MiB", 2
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else HERE.parent / "bench_results")
     import flightcache
-    from flightcache.store import parse_bytes
+    from flightcache.units import parse_bytes
 
     table = make_table(parse_bytes(args.size))
     samples: dict[str, list[float]] = {"shm": [], "stream": []}

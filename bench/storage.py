@@ -398,11 +398,12 @@ class Server:
 def serve(spec: dict[str, Any]) -> None:
     """Server-process entry point: flightcache's server as ``flightcache serve`` builds it, plus timing
     wrappers and a 'bench.phases' action; prints {"port": N} and serves until stdin closes."""
-    from flightcache import cache as cache_module
-    from flightcache.cache import Cache
-    from flightcache.server import FlightcacheServer
-    from flightcache.storage import Storage
-    from flightcache.store import Store, parse_bytes
+    from flightcache.server import cache as cache_module
+    from flightcache.server.cache import Cache
+    from flightcache.server.flight import FlightcacheServer
+    from flightcache.server.storage import Storage
+    from flightcache.server.store import Store
+    from flightcache.units import parse_bytes
 
     phases: dict[str, list[float]] = defaultdict(list)
     lock = threading.Lock()
@@ -524,7 +525,7 @@ class Bench:
         return int(self.client.load(LOADED, f"s3://{RAW}/")["rows"])
 
     def read_external(self) -> int:
-        from flightcache.storage import read_external
+        from flightcache.server.storage import read_external
 
         return read_external(f"s3://{RAW}/", threads=self.args.threads).num_rows
 
@@ -960,7 +961,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.serve:
         return args
-    from flightcache.store import parse_bytes
+    from flightcache.units import parse_bytes
 
     args.size = parse_bytes(args.size or ("64MiB" if args.quick else "1GiB"))
     args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)

@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from .auth import DEFAULT_MAX_ACTION_BYTES
-from .cache import PERSIST_MODES, mmap_large_allocations
 from .client import DEFAULT_URI, Client
 from .errors import FlightcacheError
-from .metrics import DEFAULT_GRACE_SECONDS, configure_logging
-from .store import DEFAULT_BATCH_ROWS, NAME_GRAMMAR, format_bytes, parse_bytes
+from .names import NAME_GRAMMAR
+from .server.allocator import mmap_large_allocations
+from .server.auth import DEFAULT_MAX_ACTION_BYTES
+from .server.cache import PERSIST_MODES
+from .server.logs import configure_logging
+from .server.operations import DEFAULT_GRACE_SECONDS
+from .units import DEFAULT_BATCH_ROWS, format_bytes, parse_bytes
 
 POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
 MEMORY_POOLS = ("system", "mimalloc", "jemalloc")
@@ -390,7 +393,7 @@ def _security_flags(serve: argparse.ArgumentParser) -> None:
 
 def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The scheme to serve and the FlightcacheServer arguments for the security flags."""
-    from .auth import Auth, Limits
+    from .server.auth import Auth, Limits
 
     options: dict[str, Any] = {
         "limits": Limits(
@@ -415,7 +418,7 @@ def _sql_limits(args: argparse.Namespace) -> Any:
     """SqlLimits: the environment's, overridden by the --sql-* flags given."""
     from dataclasses import replace
 
-    from .sql import SqlLimits
+    from .sql.engine import SqlLimits
 
     flags = {
         "memory_limit": parse_bytes(args.sql_memory_limit) if args.sql_memory_limit else None,
@@ -429,9 +432,9 @@ def _sql_limits(args: argparse.Namespace) -> Any:
 def serve(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from .server import FlightcacheServer
-    from .storage import Storage
-    from .store import Store
+    from .server.flight import FlightcacheServer
+    from .server.storage import Storage
+    from .server.store import Store
 
     scheme, security = _server_security(args)
     sql_limits = _sql_limits(args)
@@ -458,7 +461,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("serving on %s with credentials but without TLS: tokens cross the network in clear", args.host)
     metrics = None
     if args.metrics_port is not None:
-        from .metrics import MetricsEndpoint
+        from .server.prometheus import MetricsEndpoint
 
         try:
             metrics = MetricsEndpoint(server, args.metrics_port, args.metrics_host)

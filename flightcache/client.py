@@ -25,22 +25,24 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError, UnauthenticatedError
+from .names import validate_name
 from .protocol import (
+    ACTIONS,
     AbortRequest,
     CommitRequest,
     EndOfStream,
     LoadRequest,
+    NameRequest,
     PersistRequest,
     PutOptions,
     ReadRequest,
     ShmRequest,
     Ticket,
-    _Message,
     encode_schema,
     error_from_flight,
 )
 from .shm import SharedVersion, read_shared
-from .store import DEFAULT_BATCH_ROWS, validate_name
+from .units import DEFAULT_BATCH_ROWS
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
@@ -434,13 +436,14 @@ class Client:
     def _action(
         self,
         kind: str,
-        body: dict[str, Any] | _Message | None = None,
+        request: Any = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
-        if isinstance(body, _Message):
-            payload = body.to_bytes()
-        else:
-            payload = json.dumps(body).encode() if body is not None else b""
+        """Call the action ``kind`` of ``protocol.ACTIONS`` with its request message (None: an empty body)."""
+        spec = ACTIONS[kind]
+        if spec.request is not None and not isinstance(request, spec.request):
+            raise TypeError(f"action {kind!r} takes a {spec.request.__name__}, got {type(request).__name__}")
+        payload = request.to_bytes() if request is not None else b""
 
         def run() -> Any:
             answer = None
@@ -477,15 +480,15 @@ class Client:
 
     def pin(self, name: str) -> dict[str, Any]:
         """Keep a dataset in memory: it is never evicted."""
-        return self._action("pin", {"name": validate_name(name)})
+        return self._action("pin", NameRequest(validate_name(name)))
 
     def unpin(self, name: str) -> dict[str, Any]:
         """Let a pinned dataset be evicted again."""
-        return self._action("unpin", {"name": validate_name(name)})
+        return self._action("unpin", NameRequest(validate_name(name)))
 
     def evict(self, name: str) -> dict[str, Any]:
         """Free the memory of a persisted dataset; it stays in storage and loads on the next read."""
-        return self._action("evict", {"name": validate_name(name)})
+        return self._action("evict", NameRequest(validate_name(name)))
 
     def list(self) -> list[dict[str, Any]]:
         """Every dataset's info (name, version, rows, bytes, schema, times)."""
@@ -493,11 +496,11 @@ class Client:
 
     def info(self, name: str) -> dict[str, Any]:
         """One dataset's schema, rows, bytes, version, created and last-read times."""
-        return self._action("info", {"name": validate_name(name)})
+        return self._action("info", NameRequest(validate_name(name)))
 
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from the cache."""
-        return self._action("drop", {"name": validate_name(name)})
+        return self._action("drop", NameRequest(validate_name(name)))
 
     def stats(self) -> dict[str, Any]:
         """Server figures: memory used and limit, datasets, request counters."""
@@ -547,7 +550,7 @@ class Client:
             with self.sql_reader(query, params, timeout=timeout) as reader:
                 return reader.read_all()
         request = SqlRequest(query, self._sql_params(params), validate_name(into), mode, persist, ttl, timeout)
-        return self._action("sql", json.loads(request.to_bytes()))
+        return self._action("sql", request)
 
     def sql_reader(
         self,

@@ -33,8 +33,8 @@ from pyspark.sql.datasource import (
 from pyspark.sql.types import StructType
 
 from .errors import InvalidRequestError, StorageError
-from .spark import _conform, arrow_schema, spark_schema
-from .storage import filesystem, retry
+from .integrations.spark import _conform, arrow_schema, spark_schema
+from .server.storage import filesystem, retry
 
 FORMAT = "arrow-parquet"
 

@@ -75,7 +75,7 @@ class Handoff:
             import pyarrow.fs as pafs
             import pyarrow.parquet as pq
 
-            from flightcache.storage import filesystem
+            from flightcache.server.storage import filesystem
 
             fs, root = filesystem(f"{self.s3_prefix}/handoff/{name}")
             files = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.endswith(".parquet")]
@@ -99,7 +99,7 @@ def spark_session(app: str, cores: int = 2) -> Any:
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    import flightcache.spark
+    import flightcache.integrations.spark
 
     spark = (
         SparkSession.builder.master(f"local[{cores}]")
@@ -109,11 +109,13 @@ def spark_session(app: str, cores: int = 2) -> Any:
         .config("spark.sql.shuffle.partitions", str(cores * 2))
         .config("spark.driver.memory", "2g")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.spark_daemon"))
+        .config(
+            "spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.integrations.spark_daemon")
+        )
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
-    flightcache.spark.register(spark)
+    flightcache.integrations.spark.register(spark)
     return spark
 
 

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pytest
 
 import flightcache
-from flightcache.server import FlightcacheServer
-from flightcache.store import Store
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,7 +255,7 @@ def spark() -> Iterator[object]:
         mp.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
         from pyspark.sql import SparkSession
 
-        import flightcache.spark
+        import flightcache.integrations.spark
 
         session = (
             SparkSession.builder.master("local[2]")
@@ -270,6 +270,6 @@ def spark() -> Iterator[object]:
             .getOrCreate()
         )
         session.sparkContext.setLogLevel("ERROR")
-        flightcache.spark.register(session)
+        flightcache.integrations.spark.register(session)
         yield session
         session.stop()

@@ -15,9 +15,9 @@ from conftest import MotoS3, logs_table, run_cli, start_server, stop_server
 
 import flightcache
 from flightcache.errors import InvalidRequestError, MemoryFullError, StorageError
-from flightcache.server import FlightcacheServer
-from flightcache.storage import Storage
-from flightcache.store import Store, buffer_sizes
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.storage import Storage
+from flightcache.server.store import Store, buffer_sizes
 
 pytestmark = pytest.mark.s3
 

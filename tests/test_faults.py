@@ -22,9 +22,9 @@ from conftest import MotoS3, run_cli, shaping_proxy, start_server, stop_server
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, StorageError
-from flightcache.server import FlightcacheServer
-from flightcache.storage import Storage
-from flightcache.store import Store
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.storage import Storage
+from flightcache.server.store import Store
 
 
 def table_of(rows: int, seed: int = 0) -> pa.Table:

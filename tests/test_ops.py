@@ -20,10 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, NotInstalledError, ServerUnavailableError
-from flightcache.metrics import JsonFormatter, MetricsEndpoint, logfmt
-from flightcache.server import FlightcacheServer
-from flightcache.storage import Storage
-from flightcache.store import Store
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.logs import JsonFormatter, logfmt
+from flightcache.server.prometheus import MetricsEndpoint
+from flightcache.server.storage import Storage
+from flightcache.server.store import Store
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

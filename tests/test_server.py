@@ -31,8 +31,8 @@ from flightcache.errors import (
     ServerUnavailableError,
 )
 from flightcache.protocol import error_from_flight, error_to_flight
-from flightcache.server import FlightcacheServer
-from flightcache.store import Store
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.store import Store
 
 # -- round trips -------------------------------------------------------------------------------
 
@@ -460,7 +460,7 @@ def test_server_imports_neither_duckdb_nor_pandas_until_needed() -> None:
     modules = ("duckdb", "pandas", "pyarrow.dataset", "pyarrow.parquet", "pyarrow.fs", "pyarrow.compute",
                "pyarrow._compute", "google.protobuf")
     code = (
-        "import sys, flightcache.cli, flightcache.server as s;"
+        "import sys, flightcache.cli, flightcache.server.flight as s;"
         "srv = s.FlightcacheServer('grpc://127.0.0.1:0', shm='off'); print(srv.port, flush=True);"
         "sys.stdin.readline();"  # the test's put and gets happen meanwhile
         f"print(sorted(m for m in {modules!r} if m in sys.modules), flush=True); srv.shutdown()"

@@ -20,10 +20,11 @@ from conftest import every_type_table, logs_table, start_server, stop_server
 import flightcache
 from flightcache.errors import MemoryFullError
 from flightcache.protocol import ShmRequest
-from flightcache.server import FlightcacheServer
-from flightcache.shm import NONCE_KEY, SharedMemory, read_shared
-from flightcache.storage import Storage
-from flightcache.store import Store, buffer_sizes
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.shm import SharedMemory
+from flightcache.server.storage import Storage
+from flightcache.server.store import Store, buffer_sizes
+from flightcache.shm import NONCE_KEY, read_shared
 
 ROOT = Path("/dev/shm") / f"flightcache-{os.getuid()}"
 
@@ -298,8 +299,8 @@ def test_shm_request_round_trip() -> None:
 
 
 def test_duckdb_attach_reads_through_shared_memory(fc: flightcache.Client) -> None:
-    """flightcache.duck scans map the data; the filter runs here with the same result."""
-    from flightcache import duck
+    """flightcache.integrations.duck scans map the data; the filter runs here with the same result."""
+    from flightcache.integrations import duck
 
     table = logs_table(20_000)
     fc.put("logs/raw", table)

@@ -44,10 +44,10 @@ from pyspark.sql.datasource import (
 )
 
 import flightcache
-import flightcache.spark as fs
+import flightcache.integrations.spark as fs
 from flightcache.protocol import Ticket
-from flightcache.server import FlightcacheServer
-from flightcache.store import Store
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.store import Store
 
 # Until pyproject.toml carries it: pyspark warns on every pandas/Arrow UDF (mapInArrow here) with pandas >= 3.
 
@@ -112,14 +112,14 @@ def _pushed_expression(ticket: Ticket) -> str:
 
 
 def test_pyspark_is_imported_only_by_flightcache_spark() -> None:
-    """`import flightcache` never loads pyspark; without pyspark, flightcache.spark names the pip extra."""
+    """`import flightcache` never loads pyspark; without pyspark, flightcache.integrations.spark names the pip extra."""
     code = textwrap.dedent("""
         import sys
         import flightcache
         assert "pyspark" not in sys.modules, "import flightcache imported pyspark"
         sys.modules["pyspark"] = None  # as if it were not installed
         try:
-            import flightcache.spark
+            import flightcache.integrations.spark
         except flightcache.NotInstalledError as e:
             print(e)
     """)

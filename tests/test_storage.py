@@ -9,7 +9,7 @@ import pytest
 from conftest import MotoS3, every_type_table, logs_table
 
 from flightcache.errors import StorageError
-from flightcache.storage import MANIFEST, Storage, is_transient, read_external, redacted
+from flightcache.server.storage import MANIFEST, Storage, is_transient, read_external, redacted
 
 pytestmark = pytest.mark.s3
 

@@ -6,7 +6,7 @@ and everything it needs after the fork, in every child: on this machine ~0.2 s o
 process and, summed over the data-source processes of a stage, seconds per pipeline. Run
 this daemon instead and the children start with the imports done::
 
-    SparkSession.builder.config("spark.python.daemon.module", "flightcache.spark_daemon")
+    SparkSession.builder.config("spark.python.daemon.module", "flightcache.integrations.spark_daemon")
 
 Stock pyspark avoids importing before the fork because imports may start threads, and a forked
 child has only the thread that forked. The threads these imports start are numpy's OpenBLAS pool
@@ -25,7 +25,7 @@ PRELOADED = (
     "pyarrow",
     "pyarrow.compute",
     "pyarrow.flight",
-    "flightcache.spark",
+    "flightcache.integrations.spark",
     "flightcache.spark_parquet",
     # the worker modules Spark names when it forks a child for a Python data source or a UDF
     "pyspark.worker",

@@ -1,7 +1,7 @@
 """Client-side DuckDB: query a flightcache server's datasets from a local DuckDB connection.
 
     import duckdb, flightcache
-    from flightcache.duck import attach
+    from flightcache.integrations.duck import attach
 
     con = duckdb.connect()
     attach(con, flightcache.connect("grpc://127.0.0.1:8815"))
@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.flight as flight
 
-from . import flightsql as fsql
-from .client import Client
+from .. import flightsql as fsql
+from ..client import Client
 
-log = logging.getLogger("flightcache.duck")
+log = logging.getLogger("flightcache.integrations.duck")
 
 
 def attach(con: duckdb.DuckDBPyConnection, client: Client, names: Iterable[str] | None = None) -> list[str]:
@@ -42,7 +42,7 @@ def attach(con: duckdb.DuckDBPyConnection, client: Client, names: Iterable[str] 
     wanted = list(schemas) if names is None else list(names)
     missing = [n for n in wanted if n not in schemas]
     if missing:
-        from .errors import DatasetNotFoundError
+        from ..errors import DatasetNotFoundError
 
         raise DatasetNotFoundError(f"no dataset named {', '.join(map(repr, missing))} on {client.uri}")
     for name in wanted:

@@ -1,7 +1,7 @@
 """The ``flightcache`` format for Spark 4: read and write cached datasets with the Python Data Source API.
 
-    import flightcache.spark
-    flightcache.spark.register(spark)
+    import flightcache.integrations.spark
+    flightcache.integrations.spark.register(spark)
     logs = spark.read.format("flightcache").option("uri", "grpc://cache:8815").load("logs/raw")
     logs.where("status >= 500").write.format("flightcache").mode("overwrite").save("logs/errors")
 
@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 
-from .client import Client, default_shm, default_uri, read_ca
-from .errors import (
+from ..client import Client, default_shm, default_uri, read_ca
+from ..errors import (
     DatasetExistsError,
     DatasetNotFoundError,
     FlightcacheError,
@@ -43,9 +43,9 @@ from .errors import (
     ServerUnavailableError,
     require,
 )
-from .filters import parse_filter
-from .protocol import Ticket, error_from_flight
-from .store import validate_name
+from ..filters import parse_filter
+from ..names import validate_name
+from ..protocol import Ticket, error_from_flight
 
 require("pyspark", "spark")
 
@@ -137,7 +137,7 @@ def register(spark: SparkSession) -> None:
     with suppress(AttributeError):
         spark.sparkContext.environment[PARALLELISM_ENV] = str(spark.sparkContext.defaultParallelism)
     spark.dataSource.register(FlightcacheDataSource)
-    from .spark_parquet import ArrowParquetDataSource  # the object-storage baseline, same session
+    from ..spark_parquet import ArrowParquetDataSource  # the object-storage baseline, same session
 
     spark.dataSource.register(ArrowParquetDataSource)
 

@@ -35,8 +35,9 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
-from .errors import InvalidNameError, StorageError
-from .store import batch_nbytes, validate_name
+from ..errors import InvalidNameError, StorageError
+from ..names import validate_name
+from .store import batch_nbytes
 
 # Imported where used: pyarrow.dataset brings pandas (~50 MiB), and pyarrow.fs with pyarrow.parquet
 # cost ~8 MiB that a memory-only server never needs.

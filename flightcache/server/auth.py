@@ -16,8 +16,9 @@ The credentials file (``flightcache serve --auth-token-file FILE``), one credent
     USER:PASSWORD [ROLE]      a basic-auth user (the first ':' separates user from password)
 
 ROLE is ``read`` or ``write`` (default ``write``). ``read`` may list, describe, read and query;
-``write`` may also change what the server holds (``WRITE_ACTIONS`` and ``do_put``). The server
-re-reads the file on SIGHUP; a file that does not parse leaves the previous credentials in force.
+``write`` may also change what the server holds (``do_put``, and the actions ``protocol.ACTIONS``
+declares ``write``). The server re-reads the file on SIGHUP; a file that does not parse leaves the
+previous credentials in force.
 
 Tokens are compared in constant time, and no token or password is ever logged.
 """
@@ -41,9 +42,9 @@ from typing import Any
 
 import pyarrow.flight as flight
 
-from .errors import LimitExceededError, UnauthenticatedError, UnauthorizedError
-from .protocol import error_to_flight
-from .store import format_bytes
+from ..errors import LimitExceededError, UnauthenticatedError, UnauthorizedError
+from ..protocol import error_to_flight
+from ..units import format_bytes
 
 log = logging.getLogger("flightcache.auth")
 
@@ -58,7 +59,6 @@ DEFAULT_MAX_ACTION_BYTES = 2 * 1024 * 1024  # room for the largest SQL query (1 
 
 # Actions that change what the server holds: they need a write role (so does do_put).
 # pin, unpin and evict decide what stays in memory for every user, so they are writes too.
-WRITE_ACTIONS = frozenset({"drop", "load", "persist", "pin", "unpin", "evict", "commit", "abort", "sql"})
 
 _TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 

@@ -19,30 +19,35 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import __version__
-from .auth import MIDDLEWARE_KEY as AUTH_KEY
-from .auth import WRITE_ACTIONS, Auth, Limits, require_write, server_options
-from .cache import Cache
-from .errors import FlightcacheError, InvalidRequestError, PutAbortedError
-from .metrics import HEALTHCHECK, MIDDLEWARE_KEY, Operations, draining_error, note
-from .protocol import (
+from .. import __version__
+from ..errors import FlightcacheError, InvalidRequestError, PutAbortedError
+from ..protocol import (
     ACTIONS,
+    CORE,
+    HEALTHCHECK,
+    SQL,
+    WRITE,
     AbortRequest,
     CommitRequest,
     EndOfStream,
     LoadRequest,
+    NameRequest,
     PersistRequest,
     PutOptions,
     ReadRequest,
     ShmRequest,
     Ticket,
-    action_name,
     descriptor_name,
     encode_schema,
     error_to_flight,
 )
+from ..sql.engine import SqlLimits
+from ..sql.service import SqlService
+from .auth import MIDDLEWARE_KEY as AUTH_KEY
+from .auth import Auth, Limits, require_write, server_options
+from .cache import Cache
+from .operations import MIDDLEWARE_KEY, Operations, draining_error, note
 from .shm import resolve as resolve_shm
-from .sql import SqlLimits, SqlService
 from .storage import Storage, redacted
 from .store import PERSIST_FAILED, Store, Version, batch_nbytes
 
@@ -73,7 +78,6 @@ class Service(Protocol):
         writer: flight.FlightMetadataWriter,
     ) -> None: ...
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterable[bytes]: ...
-    def list_actions(self) -> list[tuple[str, str]]: ...
 
 
 def _translated(fn: F) -> F:
@@ -135,7 +139,7 @@ class FlightcacheServer(flight.FlightServerBase):
             cache = Cache(store, storage, persist=persist, shm=shared)
             cache.recover()
         sql = SqlService(cache, sql_limits)
-        self.ops = Operations({*ACTIONS, *(name for name, _ in sql.list_actions())})
+        self.ops = Operations(set(ACTIONS))
         # Authentication first: Flight completes none of the middlewares started before one that refuses a
         # call, so the operations middleware (in-flight count, request log) hears of refusals through on_refused.
         security = server_options(auth, on_refused=self.ops.refused)
@@ -152,6 +156,7 @@ class FlightcacheServer(flight.FlightServerBase):
         self.endpoint_bytes = endpoint_bytes
         self.sql: Service | None = sql  # SQL over cached datasets, routed below
         self.max_endpoints = max_endpoints
+        self._actions = self._action_handlers()
         self._counters_lock = threading.Lock()
         self._counters: dict[str, int] = {
             "gets": 0,
@@ -358,67 +363,92 @@ class FlightcacheServer(flight.FlightServerBase):
     # -- actions ---------------------------------------------------------------------------
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return list(ACTIONS.items()) + (self.sql.list_actions() if self.sql is not None else [])
+        return [(a.name, a.describe()) for a in ACTIONS.values() if a.service == CORE or self.sql is not None]
 
     @_translated
-    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterable[bytes]:
         body = action.body.to_pybytes() if action.body is not None else b""
         kind = action.type
         note(context, action=kind[:100])  # the client's string: bounded in the log
         if self.ops.draining and kind != HEALTHCHECK:
             raise draining_error()
         self.limits.check_action(kind, body)
-        if kind in WRITE_ACTIONS:
-            require_write(context, f"action {kind!r}")
-        if self.sql is not None and self.sql.handles_action(kind):
-            return list(self.sql.do_action(context, action))
-        if kind in (HEALTHCHECK, "stats"):
-            result: Any = self.health() if kind == HEALTHCHECK else self.stats()
-            result["in_flight"] -= 1  # not this call
-        elif kind == "drop":
-            result = self.cache.drop(action_name(body, kind))
-            note(context, version=result["version"], bytes=result["bytes"])
-        elif kind == "load":
-            load = LoadRequest.from_bytes(body)
-            note(context, dataset=load.name, uri=redacted(load.uri))
-            return self._load(load)
-        elif kind == "persist":
-            p = PersistRequest.from_bytes(body)
-            result = self.cache.persist(p.name, wait=p.wait)
-        elif kind in ("pin", "unpin"):
-            name = action_name(body, kind)
-            if kind == "pin":
-                self.cache.get(name)  # pinning keeps it in memory, so bring it there first
-            self.store.set_pinned(name, kind == "pin")
-            result = self.store.info(name).to_dict()
-        elif kind == "evict":
-            result = self.cache.evict(action_name(body, kind))
-        elif kind == "info":
-            result = self.store.info(action_name(body, kind)).to_dict()
-        elif kind == "list":
-            result = [i.to_dict() for i in self.store.list()]
-        elif kind == "shm":
-            result = self._shm(ShmRequest.from_bytes(body))
-        elif kind == "commit":
-            c = CommitRequest.from_bytes(body)
-            version = self.cache.commit(
-                c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema(), persist=c.persist, ttl=c.ttl
-            )
-            note(context, version=version.number, txn=c.txn)
-            result = {
-                "name": version.name,
-                "version": version.number,
-                "rows": version.num_rows,
-                "bytes": version.nbytes,
-            }
-        elif kind == "abort":
-            a = AbortRequest.from_bytes(body)
-            result = {"txn": a.txn, "parts_discarded": self.store.abort(a.txn)}
-        else:
+        spec = ACTIONS.get(kind)
+        if spec is None or (spec.service == SQL and self.sql is None):
+            if self.sql is not None and self.sql.handles_action(kind):
+                return list(self.sql.do_action(context, action))  # Flight SQL actions it declines, with the reason
             raise InvalidRequestError(f"unknown action {kind!r}; the actions are: {', '.join(ACTIONS)}")
-        if isinstance(result, dict) and isinstance(result.get("name"), str):
-            note(context, dataset=result["name"])
-        return [json.dumps(result).encode()]
+        if spec.role == WRITE:
+            require_write(context, f"action {kind!r}")
+        if spec.service == SQL:
+            assert self.sql is not None
+            return list(self.sql.do_action(context, action))
+        results = self._actions[kind](context, spec.decode(body))
+        if spec.streams:
+            return results  # type: ignore[no-any-return]  # an iterator of encoded results
+        if isinstance(results, dict) and isinstance(results.get("name"), str):
+            note(context, dataset=results["name"])
+        return [json.dumps(results).encode()]
+
+    def _action_handlers(self) -> dict[str, Callable[[flight.ServerCallContext, Any], Any]]:
+        """The handler of each core action of the registry, checked complete when the server is built."""
+        handlers = {name: getattr(self, f"_do_{name}", None) for name, a in ACTIONS.items() if a.service == CORE}
+        if missing := sorted(name for name, fn in handlers.items() if fn is None):
+            raise AssertionError(f"actions {missing} are declared in protocol.ACTIONS with no handler")
+        return handlers  # type: ignore[return-value]
+
+    def _do_healthcheck(self, context: flight.ServerCallContext, _: None) -> dict[str, Any]:
+        result = self.health()
+        result["in_flight"] -= 1  # not this call
+        return result
+
+    def _do_stats(self, context: flight.ServerCallContext, _: None) -> dict[str, Any]:
+        result = self.stats()
+        result["in_flight"] -= 1
+        return result
+
+    def _do_drop(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
+        result = self.cache.drop(request.name)
+        note(context, version=result["version"], bytes=result["bytes"])
+        return result
+
+    def _do_load(self, context: flight.ServerCallContext, request: LoadRequest) -> Iterator[bytes]:
+        note(context, dataset=request.name, uri=redacted(request.uri))
+        return self._load(request)
+
+    def _do_persist(self, context: flight.ServerCallContext, request: PersistRequest) -> dict[str, Any]:
+        return self.cache.persist(request.name, wait=request.wait)
+
+    def _do_pin(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
+        self.cache.get(request.name)  # pinning keeps it in memory, so bring it there first
+        self.store.set_pinned(request.name, True)
+        return self.cache.info(request.name)
+
+    def _do_unpin(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
+        self.store.set_pinned(request.name, False)
+        return self.cache.info(request.name)
+
+    def _do_evict(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
+        return self.cache.evict(request.name)
+
+    def _do_info(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
+        return self.cache.info(request.name)
+
+    def _do_list(self, context: flight.ServerCallContext, _: None) -> list[dict[str, Any]]:
+        return self.cache.list()
+
+    def _do_shm(self, context: flight.ServerCallContext, request: ShmRequest) -> dict[str, Any]:
+        return self._shm(request)
+
+    def _do_commit(self, context: flight.ServerCallContext, c: CommitRequest) -> dict[str, Any]:
+        version = self.cache.commit(
+            c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema(), persist=c.persist, ttl=c.ttl
+        )
+        note(context, version=version.number, txn=c.txn)
+        return {"name": version.name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
+
+    def _do_abort(self, context: flight.ServerCallContext, a: AbortRequest) -> dict[str, Any]:
+        return {"txn": a.txn, "parts_discarded": self.store.abort(a.txn)}
 
     def _shm(self, request: ShmRequest) -> dict[str, Any]:
         """The shared-memory files of a version still held (loading it on a miss), or "files": null."""
@@ -511,7 +541,7 @@ def _filter(request: ReadRequest) -> pc.Expression | None:
     if request.filter is not None and request.filter_substrait is not None:
         raise InvalidRequestError("give either filter or filter_substrait, not both")
     if request.filter is not None:
-        from .filters import parse_filter
+        from ..filters import parse_filter
 
         return parse_filter(request.filter)
     raw = request.substrait_bytes()

@@ -17,7 +17,6 @@ against the memory limit and are the first thing released when room is needed.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,10 +25,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
-from .errors import (
+from ..errors import (
     DatasetExistsError,
     DatasetNotFoundError,
-    InvalidNameError,
     InvalidRequestError,
     LimitExceededError,
     MemoryFullError,
@@ -37,6 +35,8 @@ from .errors import (
     PutAbortedError,
     SchemaMismatchError,
 )
+from ..names import validate_name
+from ..units import DEFAULT_BATCH_ROWS, format_bytes
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
@@ -50,29 +50,6 @@ MEMORY_ONLY, PERSISTING, PERSISTED, PERSIST_FAILED, IN_STORAGE_ONLY = (
     "persist-failed",
     "in-storage-only",
 )
-DEFAULT_BATCH_ROWS = 64 * 1024
-MAX_NAME_LENGTH = 200
-_SEGMENT = r"[a-z0-9_][a-z0-9_.\-]*"
-_NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
-_RESERVED = re.compile(r"v[0-9]+")  # storage keeps version N of a dataset in <name>/vN/
-NAME_GRAMMAR = (
-    "lowercase letters, digits, '_', '.' and '-', with '/' between namespace segments; "
-    "each segment starts with a letter, digit or '_' and is not 'v' followed by digits; at most 200 characters "
-    "(for example 'logs/2026-11-24/parsed')"
-)
-
-
-def validate_name(name: object) -> str:
-    """Return ``name`` if it follows the dataset-name grammar, else raise InvalidNameError."""
-    if not isinstance(name, str) or not name:
-        raise InvalidNameError(f"dataset name must be a non-empty string, got {name!r}: use {NAME_GRAMMAR}")
-    if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
-        raise InvalidNameError(f"invalid dataset name {name!r}: use {NAME_GRAMMAR}")
-    if any(_RESERVED.fullmatch(segment) for segment in name.split("/")):
-        raise InvalidNameError(f"invalid dataset name {name!r}: segments like 'v12' name stored versions")
-    return name
-
-
 def buffer_sizes(batches: Iterable[pa.RecordBatch]) -> dict[int, int]:
     """The distinct Arrow buffers behind ``batches``, as {address: size}."""
     sizes: dict[int, int] = {}
@@ -1010,41 +987,3 @@ class StagedPut:
 
 def _show(schema: pa.Schema) -> str:
     return "  " + schema.to_string(show_schema_metadata=False).replace("\n", "\n  ")
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gib": 1024**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "tib": 1024**4,
-}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'4GiB' -> 4294967296; '512MB' -> 512000000; '100' -> 100."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size: write it like 4GiB, 512MB or 1000000")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_bytes(n: int | float) -> str:
-    """1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
