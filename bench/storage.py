@@ -400,6 +400,7 @@ def serve(spec: dict[str, Any]) -> None:
     wrappers and a 'bench.phases' action; prints {"port": N} and serves until stdin closes."""
     from flightcache.server import cache as cache_module
     from flightcache.server.cache import Cache
+    from flightcache.server.config import ServerConfig, build_server
     from flightcache.server.flight import FlightcacheServer
     from flightcache.server.storage import Storage
     from flightcache.server.store import Store
@@ -447,8 +448,8 @@ def serve(spec: dict[str, Any]) -> None:
                 return [json.dumps({"rows": rows}).encode()]
             return super().do_action(context, action)
 
-    store = Store(parse_bytes(spec["memory_limit"]))
-    server = BenchServer("grpc://127.0.0.1:0", store=store, storage=Storage(spec["storage"]), shm="auto")
+    config = ServerConfig(memory_limit=parse_bytes(spec["memory_limit"]), storage=spec["storage"], shm="auto")
+    server = build_server(config, BenchServer)
     print(json.dumps({"port": server.port}), flush=True)
     sys.stdin.read()
     server.shutdown()

@@ -391,8 +391,8 @@ def _security_flags(serve: argparse.ArgumentParser) -> None:
     sql.add_argument("--sql-max-queries", type=int, metavar="N", help="queries running at once; more wait (8)")
 
 
-def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The scheme to serve and the FlightcacheServer arguments for the security flags."""
+def _server_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerConfig fields of the security flags."""
     from .server.auth import Auth, Limits
 
     options: dict[str, Any] = {
@@ -401,17 +401,14 @@ def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             max_datasets=args.max_datasets,
             max_action_bytes=parse_bytes(args.max_action_bytes),
         ),
-        "auth": Auth.from_file(args.auth_token_file) if args.auth_token_file else None,
+        "credentials": Auth.from_file(args.auth_token_file) if args.auth_token_file else None,
     }
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("give both --tls-cert and --tls-key, or neither")
-    if not args.tls_cert:
-        return "grpc", options
-    import pyarrow.flight as flight
-
-    with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
-        options["tls_certificates"] = [flight.CertKeyPair(cert.read(), key.read())]
-    return "grpc+tls", options
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+            options["tls_cert"], options["tls_key"] = cert.read(), key.read()
+    return options
 
 
 def _sql_limits(args: argparse.Namespace) -> Any:
@@ -432,26 +429,26 @@ def _sql_limits(args: argparse.Namespace) -> Any:
 def serve(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from .server.flight import FlightcacheServer
-    from .server.storage import Storage
-    from .server.store import Store
+    from .server.config import ServerConfig, build_server
 
-    scheme, security = _server_security(args)
-    sql_limits = _sql_limits(args)
-    store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
-    storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint)
-    server = FlightcacheServer(
-        f"{scheme}://{args.host}:{args.port}",
-        store=store,
-        storage=storage,
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        memory_limit=parse_bytes(args.memory_limit),
+        batch_rows=args.batch_rows,
+        retain_seconds=args.retain_seconds,
+        storage=None if args.storage == "none" else args.storage,
+        s3_endpoint=args.s3_endpoint,
         persist=args.persist,
         endpoint_bytes=parse_bytes(args.endpoint_bytes),
-        **security,
         shm=args.shm,
         shm_group=args.shm_group,
-        sql_limits=sql_limits,
+        sql=_sql_limits(args),
+        **_server_security(args),
     )
-    auth = security["auth"]
+    server = build_server(config)
+    store, storage, scheme = server.store, server.cache.storage, config.scheme
+    auth = config.credentials
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         if auth is None:
             log.warning(

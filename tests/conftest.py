@@ -18,15 +18,15 @@ import pyarrow as pa
 import pytest
 
 import flightcache
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
-from flightcache.server.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def server() -> Iterator[FlightcacheServer]:
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(memory_limit=512 * 1024 * 1024))
+    srv = build_server(ServerConfig(memory_limit=512 * 1024 * 1024))
     yield srv
     srv.shutdown()
 

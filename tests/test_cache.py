@@ -15,9 +15,9 @@ from conftest import MotoS3, logs_table, run_cli, start_server, stop_server
 
 import flightcache
 from flightcache.errors import InvalidRequestError, MemoryFullError, StorageError
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
-from flightcache.server.storage import Storage
-from flightcache.server.store import Store, buffer_sizes
+from flightcache.server.store import buffer_sizes
 
 pytestmark = pytest.mark.s3
 
@@ -25,13 +25,15 @@ pytestmark = pytest.mark.s3
 def _serve(
     storage_uri: str | None, memory_limit: int | None = None, persist: str = "none", **store_kwargs: object
 ) -> tuple[FlightcacheServer, flightcache.Client]:
-    storage = Storage(storage_uri, retries=2, backoff=0.01) if storage_uri else None
-    srv = FlightcacheServer(
-        "grpc://127.0.0.1:0",
-        store=Store(memory_limit, **store_kwargs),  # type: ignore[arg-type]
-        storage=storage,
+    config = ServerConfig(
+        memory_limit=memory_limit,
+        storage=storage_uri,
+        storage_retries=2,
+        storage_backoff=0.01,
         persist=persist,
+        **store_kwargs,  # type: ignore[arg-type]
     )
+    srv = build_server(config)
     return srv, flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
 
 

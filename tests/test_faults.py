@@ -22,9 +22,9 @@ from conftest import MotoS3, run_cli, shaping_proxy, start_server, stop_server
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, StorageError
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.storage import Storage
-from flightcache.server.store import Store
 
 
 def table_of(rows: int, seed: int = 0) -> pa.Table:
@@ -56,7 +56,7 @@ GET_THEN_DIE = textwrap.dedent("""
 def test_clients_killed_mid_get() -> None:
     """Readers killed mid-stream leave nothing behind: the server keeps serving, the version they read can be
     replaced and dropped, and memory accounting comes back to zero."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(retain_seconds=0.5, batch_rows=8192))
+    srv = build_server(ServerConfig(retain_seconds=0.5, batch_rows=8192))
     uri = f"grpc://127.0.0.1:{srv.port}"
     try:
         client = flightcache.connect(uri)
@@ -98,8 +98,9 @@ def s3_tiered(s3_bucket: str) -> Iterator[Callable[..., tuple[FlightcacheServer,
     started: list[FlightcacheServer] = []
 
     def serve(**storage_options: float) -> tuple[FlightcacheServer, flightcache.Client]:
-        storage = Storage(f"s3://{s3_bucket}/cache", part_bytes=64 * 1024, **storage_options)  # type: ignore[arg-type]
-        srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), storage=storage, persist="none")
+        options = {f"storage_{k}": v for k, v in storage_options.items()}
+        config = ServerConfig(storage=f"s3://{s3_bucket}/cache", storage_part_bytes=64 * 1024, **options)  # type: ignore[arg-type]
+        srv = build_server(config)
         started.append(srv)
         return srv, flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
 
@@ -216,7 +217,7 @@ def test_recovery_reports_unfinished_versions(storage_uri: str) -> None:
         storage.fs.create_dir(f"{storage.root}/{unfinished}")
         with storage.fs.open_output_stream(f"{storage.root}/{unfinished}/part-00000.parquet") as out:
             out.write(b"PAR1 torn")
-    srv = FlightcacheServer("grpc://127.0.0.1:0", storage=Storage(storage_uri))
+    srv = build_server(ServerConfig(storage=storage_uri))
     try:
         client = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
         lost = client.stats()["recovery"]["incomplete_versions"]

@@ -33,8 +33,7 @@ import flightcache
 from flightcache import flightsql as fsql
 from flightcache.errors import ERRORS_BY_CODE, DatasetExistsError, DatasetNotFoundError
 from flightcache.protocol import ACTIONS, CORE, PutOptions, ReadRequest, Ticket
-from flightcache.server.flight import FlightcacheServer
-from flightcache.server.store import Store
+from flightcache.server.config import ServerConfig, build_server
 
 SENTINEL = "fuzz/sentinel"
 PARQUET = "@parquet"  # stands for the fixture's Parquet file in generated bodies
@@ -686,7 +685,7 @@ class CacheMachine(RuleBasedStateMachine):
 def test_server_matches_a_model() -> None:
     """Random sequences of puts, appends, creates, transactions (committed in any part order, or aborted) and
     drops: every read equals what a plain Python model of the datasets holds, and nothing stays staged."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(retain_seconds=0))
+    srv = build_server(ServerConfig(retain_seconds=0))
     try:
         with flightcache.connect(f"grpc://127.0.0.1:{srv.port}") as client:
             CacheMachine.client = client

@@ -37,9 +37,9 @@ from flightcache.errors import (
 )
 from flightcache.protocol import ACTIONS, WRITE_ACTIONS, ReadRequest, encode_schema
 from flightcache.server.auth import MAX_SESSIONS_PER_USER, Auth, Credentials, Limits
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.storage import Storage
-from flightcache.server.store import Store
 
 WRITE_TOKEN = "write-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"
@@ -99,11 +99,12 @@ def credentials(tmp_path: Path) -> Path:
 @contextlib.contextmanager
 def secured_server(directory: Path) -> Iterator[Secured]:
     """A server with the test credentials, storage, and a little of everything to act on."""
-    server = FlightcacheServer(
-        "grpc://127.0.0.1:0",
-        store=Store(memory_limit=256 * 1024 * 1024),
-        storage=Storage(str(directory / "storage")),
-        auth=Auth.from_file(write_credentials(directory)),
+    server = build_server(
+        ServerConfig(
+            memory_limit=256 * 1024 * 1024,
+            storage=str(directory / "storage"),
+            credentials=Auth.from_file(write_credentials(directory)),
+        )
     )
     uri = f"grpc://127.0.0.1:{server.port}"
     external = directory / "external.parquet"
@@ -351,7 +352,7 @@ def test_refused_calls_are_counted_and_do_not_hold_up_a_stop(secured: Secured) -
 def test_flightcache_middleware_keys_are_reserved() -> None:
     """A caller's middleware cannot silently replace authentication or the operations middleware."""
     with pytest.raises(ValueError, match="auth"):
-        FlightcacheServer("grpc://127.0.0.1:0", middleware={"auth": flight.ServerMiddlewareFactory()})
+        build_server(ServerConfig(middleware={"auth": flight.ServerMiddlewareFactory()}))
 
 
 def test_client_raises_flightcache_errors(secured: Secured) -> None:
@@ -413,7 +414,7 @@ def test_the_client_opens_an_ended_session_again() -> None:
     longer hold give the handshake's clear error."""
     now = [0.0]
     auth = Auth(users={"u": ("p", "write")}, session_seconds=10, clock=lambda: now[0])
-    server = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), auth=auth, shm="off")
+    server = build_server(ServerConfig(credentials=auth, shm="off"))
     try:
         with flightcache.connect(f"grpc://127.0.0.1:{server.port}", username="u", password="p") as fc:
             fc.put("t", logs_table(3))
@@ -640,11 +641,13 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 def test_tls_round_trip(tmp_path: Path) -> None:
     """grpc+tls with a self-signed certificate: the client that trusts its CA works, one that does not is told why."""
     cert, key = self_signed(tmp_path)
-    server = FlightcacheServer(
-        "grpc+tls://127.0.0.1:0",
-        store=Store(memory_limit=64 * 1024 * 1024),
-        tls_certificates=[flight.CertKeyPair(cert.read_bytes(), key.read_bytes())],
-        auth=Auth({WRITE_TOKEN: "write"}),
+    server = build_server(
+        ServerConfig(
+            memory_limit=64 * 1024 * 1024,
+            tls_cert=cert.read_bytes(),
+            tls_key=key.read_bytes(),
+            credentials=Auth({WRITE_TOKEN: "write"}),
+        )
     )
     uri = f"grpc+tls://127.0.0.1:{server.port}"
     try:
@@ -692,11 +695,12 @@ def test_cli_serves_tls(tmp_path: Path, credentials: Path) -> None:
 
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[tuple[FlightcacheServer, flightcache.Client]]:
-    server = FlightcacheServer(
-        "grpc://127.0.0.1:0",
-        store=Store(memory_limit=256 * 1024 * 1024),
-        storage=Storage(str(tmp_path / "storage")),
-        limits=Limits(max_put_bytes=1024 * 1024, max_datasets=3, max_action_bytes=4096),
+    server = build_server(
+        ServerConfig(
+            memory_limit=256 * 1024 * 1024,
+            storage=str(tmp_path / "storage"),
+            limits=Limits(max_put_bytes=1024 * 1024, max_datasets=3, max_action_bytes=4096),
+        )
     )
     with flightcache.connect(f"grpc://127.0.0.1:{server.port}") as c:
         yield server, c
@@ -794,7 +798,7 @@ def test_hostile_names_are_refused_everywhere(tmp_path: Path, name: str) -> None
     """A plain Flight client sending a name outside the grammar gets INVALID_NAME from every entry point,
     and nothing is written anywhere."""
     storage = tmp_path / "storage"
-    server = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), storage=Storage(str(storage)), persist="sync")
+    server = build_server(ServerConfig(storage=str(storage), persist="sync"))
     external = tmp_path / "x.parquet"
     pq.write_table(logs_table(5), external)
     fc = flight.connect(f"grpc://127.0.0.1:{server.port}")
@@ -865,7 +869,7 @@ def test_storage_never_leaves_its_root(tmp_path: Path, name: str) -> None:
         (root / "forged" / "v1").mkdir(parents=True, exist_ok=True)
         (root / "forged" / "v1" / "manifest.json").write_text(json.dumps({**forged, **bad}))
         assert [m.name for m in storage.catalog()] == ["good"]
-    server = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), storage=Storage(str(root)))
+    server = build_server(ServerConfig(storage=str(root)))
     try:
         assert [i.name for i in server.store.list()] == ["good"]
         assert victim.exists()

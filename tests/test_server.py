@@ -31,6 +31,7 @@ from flightcache.errors import (
     ServerUnavailableError,
 )
 from flightcache.protocol import error_from_flight, error_to_flight
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.store import Store
 
@@ -106,7 +107,7 @@ def test_put_record_batch_reader_and_batch(client: flightcache.Client) -> None:
 
 def test_large_dataset_has_several_endpoints_read_in_parallel() -> None:
     """get_flight_info splits a large dataset into endpoints; reading them all gives the table back."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=10_000), endpoint_bytes=256 * 1024)
+    srv = build_server(ServerConfig(batch_rows=10_000, endpoint_bytes=256 * 1024))
     try:
         c = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
         table = pa.table({"i": np.arange(300_000), "f": np.random.default_rng(0).random(300_000)})
@@ -126,7 +127,7 @@ def test_large_dataset_has_several_endpoints_read_in_parallel() -> None:
 
 def test_a_reader_can_ask_for_at_least_n_endpoints() -> None:
     """ReadRequest.endpoints splits a small dataset as far as its batches allow; the rows stay whole."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    srv = build_server(ServerConfig(batch_rows=1000))
     try:
         _at_least_n_endpoints(flightcache.connect(f"grpc://127.0.0.1:{srv.port}"))
     finally:
@@ -418,7 +419,7 @@ def test_put_errors_come_back_typed(client: flightcache.Client) -> None:
 
 def test_memory_full_over_flight() -> None:
     """A put over the limit is refused with the limit in the message; existing data stays."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(memory_limit=2_000_000))
+    srv = build_server(ServerConfig(memory_limit=2_000_000))
     try:
         c = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
         c.put("small", pa.table({"x": np.arange(100_000)}))
@@ -460,8 +461,8 @@ def test_server_imports_neither_duckdb_nor_pandas_until_needed() -> None:
     modules = ("duckdb", "pandas", "pyarrow.dataset", "pyarrow.parquet", "pyarrow.fs", "pyarrow.compute",
                "pyarrow._compute", "google.protobuf")
     code = (
-        "import sys, flightcache.cli, flightcache.server.flight as s;"
-        "srv = s.FlightcacheServer('grpc://127.0.0.1:0', shm='off'); print(srv.port, flush=True);"
+        "import sys, flightcache.cli, flightcache.server.config as s;"
+        "srv = s.build_server(s.ServerConfig(shm='off')); print(srv.port, flush=True);"
         "sys.stdin.readline();"  # the test's put and gets happen meanwhile
         f"print(sorted(m for m in {modules!r} if m in sys.modules), flush=True); srv.shutdown()"
     )

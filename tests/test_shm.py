@@ -20,9 +20,9 @@ from conftest import every_type_table, logs_table, start_server, stop_server
 import flightcache
 from flightcache.errors import MemoryFullError
 from flightcache.protocol import ShmRequest
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.shm import SharedMemory
-from flightcache.server.storage import Storage
 from flightcache.server.store import Store, buffer_sizes
 from flightcache.shm import NONCE_KEY, read_shared
 
@@ -31,8 +31,7 @@ ROOT = Path("/dev/shm") / f"flightcache-{os.getuid()}"
 
 def serve(memory_limit: int = 256 * 2**20, **kwargs: object) -> FlightcacheServer:
     kwargs.setdefault("shm", "on")
-    store = Store(memory_limit, retain_seconds=kwargs.pop("retain_seconds", 60.0))  # type: ignore[arg-type]
-    return FlightcacheServer("grpc://127.0.0.1:0", store=store, **kwargs)  # type: ignore[arg-type]
+    return build_server(ServerConfig(memory_limit=memory_limit, **kwargs))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -163,7 +162,7 @@ def test_a_mapped_version_stays_valid_while_replaced_and_dropped(
 
 def test_files_go_with_retention_drop_eviction_and_shutdown(tmp_path: Path) -> None:
     """A file is unlinked when no version uses it: retention expiry, drop, eviction, shutdown."""
-    server = serve(retain_seconds=0, storage=Storage(str(tmp_path / "storage")))
+    server = serve(retain_seconds=0, storage=str(tmp_path / "storage"))
     fc = flightcache.connect(f"grpc://127.0.0.1:{server.port}")
     try:
         fc.put("a", logs_table(1000))

@@ -46,8 +46,8 @@ from pyspark.sql.datasource import (
 import flightcache
 import flightcache.integrations.spark as fs
 from flightcache.protocol import Ticket
+from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
-from flightcache.server.store import Store
 
 # Until pyproject.toml carries it: pyspark warns on every pandas/Arrow UDF (mapInArrow here) with pandas >= 3.
 
@@ -321,7 +321,7 @@ def test_if_exists_holds_when_the_dataset_appears_after_planning(
 @pytest.mark.spark
 def test_read_has_one_partition_per_endpoint(spark: SparkSession) -> None:
     """A dataset of several Flight endpoints is read as that many Spark partitions, all rows intact."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=10_000), endpoint_bytes=256 * 1024)
+    srv = build_server(ServerConfig(batch_rows=10_000, endpoint_bytes=256 * 1024))
     try:
         client = flightcache.connect(_uri(srv))
         table = pa.table({"id": pa.array(range(100_000), pa.int64()), "x": pc.multiply(pa.array(range(100_000)), 0.5)})
@@ -339,7 +339,7 @@ def test_read_has_one_partition_per_endpoint(spark: SparkSession) -> None:
 def test_a_small_dataset_is_read_in_as_many_partitions_as_spark_has_cores(spark: SparkSession) -> None:
     """Far below one endpoint's bytes, a read is still split to the session's default parallelism (as Spark's
     file sources do), or to the partitions option, as far as the dataset's batches allow."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    srv = build_server(ServerConfig(batch_rows=1000))
     try:
         uri = _uri(srv)
         client = flightcache.connect(uri)

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import DatasetNotFoundError, FlightcacheError, InvalidRequestError, NotInMemoryError, StorageError
+from ..units import DEFAULT_BATCH_ROWS
 from .allocator import TRIM_BYTES, process_memory, release_memory
 from .shm import SharedMemory
 from .storage import Storage, read_external
@@ -41,22 +42,30 @@ class Cache:
 
     def __init__(
         self,
-        store: Store,
         storage: Storage | None = None,
         *,
+        memory_limit: int | None = None,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        retain_seconds: float = 60.0,
+        max_datasets: int | None = None,
         persist: str = "none",
         persist_threads: int = 2,
         sweep_seconds: float = 1.0,
         shm: SharedMemory | None = None,
     ) -> None:
-        self.store = store
         self.storage = storage
         self.shm = shm  # where the store keeps batches for same-host readers (None: process memory)
-        if shm is not None:
-            store.files = shm
+        # The cache makes its store: the store calls back into the cache's eviction when memory is full.
+        self.store = Store(
+            memory_limit,
+            batch_rows=batch_rows,
+            retain_seconds=retain_seconds,
+            max_datasets=max_datasets,
+            files=shm,
+            on_full=self.make_room,
+        )
         self.default_persist = "none"
         self.default_persist = self._persist_mode(persist)
-        store.on_full = self.make_room
         self._guard = threading.Lock()
         self._name_locks: dict[str, threading.RLock] = {}
         self._loads: dict[str, Future[Version]] = {}

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
@@ -41,15 +41,12 @@ from ..protocol import (
     encode_schema,
     error_to_flight,
 )
-from ..sql.engine import SqlLimits
-from ..sql.service import SqlService
 from .auth import MIDDLEWARE_KEY as AUTH_KEY
 from .auth import Auth, Limits, require_write, server_options
 from .cache import Cache
 from .operations import MIDDLEWARE_KEY, Operations, draining_error, note
-from .shm import resolve as resolve_shm
-from .storage import Storage, redacted
-from .store import PERSIST_FAILED, Store, Version, batch_nbytes
+from .storage import redacted
+from .store import PERSIST_FAILED, Version, batch_nbytes
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
@@ -107,54 +104,42 @@ def _flight_error(where: str, e: Exception) -> flight.FlightError:
 
 
 class FlightcacheServer(flight.FlightServerBase):
-    """The Flight face of a ``Cache``. ``location`` like ``grpc://127.0.0.1:8815`` (port 0: any).
+    """The Flight face of a ``Cache``: decodes requests, calls the cache, encodes answers, translates errors.
 
-    Give a ``cache``, or a ``store`` (and optionally a ``storage`` and default ``persist`` mode) to
-    build one; with a storage tier the catalog is recovered from it before serving. ``auth``: the
-    credentials every call must carry (none: open to anyone who reaches the port); ``limits``: request
-    bounds. For TLS, a ``grpc+tls://`` location and ``tls_certificates=[flight.CertKeyPair(cert, key)]``.
+    Built by ``config.build_server`` from a ``ServerConfig``; its collaborators come ready-made: the
+    ``cache`` (memory store and storage tier), the ``sql`` service sharing the port (None: no SQL),
+    ``auth`` (the credentials every call must carry; None: open to anyone who reaches the port) and
+    ``limits`` (request bounds). For TLS, a ``grpc+tls://`` location and ``tls_certificates``.
     """
 
     def __init__(
         self,
-        location: str = "grpc://127.0.0.1:8815",
+        location: str,
         *,
-        cache: Cache | None = None,
-        store: Store | None = None,
-        storage: Storage | None = None,
-        persist: str = "none",
-        memory_limit: int | None = None,
-        endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
-        max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
-        sql_limits: SqlLimits | None = None,
+        cache: Cache,
+        sql: Service | None,
         auth: Auth | None = None,
         limits: Limits | None = None,
-        shm: str = "auto",
-        shm_group: str | None = None,
+        endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES,
+        max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
+        middleware: Mapping[str, flight.ServerMiddlewareFactory] | None = None,
         **kwargs: Any,
     ) -> None:
-        if cache is None:
-            store = store if store is not None else Store(memory_limit)
-            shared = resolve_shm(shm, store.memory_limit, group=shm_group)  # auto|on|off; see flightcache.shm
-            cache = Cache(store, storage, persist=persist, shm=shared)
-            cache.recover()
-        sql = SqlService(cache, sql_limits)
         self.ops = Operations(set(ACTIONS))
         # Authentication first: Flight completes none of the middlewares started before one that refuses a
         # call, so the operations middleware (in-flight count, request log) hears of refusals through on_refused.
         security = server_options(auth, on_refused=self.ops.refused)
-        extra = kwargs.pop("middleware", {})
+        extra = dict(middleware or {})
         if taken := {MIDDLEWARE_KEY, AUTH_KEY} & set(extra):
             raise ValueError(f"middleware keys {sorted(taken)} are flightcache's own; name yours differently")
         middleware = {**security.pop("middleware", {}), MIDDLEWARE_KEY: self.ops, **extra}
         # Everything a handler uses is set before the base class starts serving: a call may come at once.
         self.auth = auth
         self.limits = limits or Limits()
-        cache.store.max_datasets = self.limits.max_datasets
         self.cache = cache
         self.store = cache.store
         self.endpoint_bytes = endpoint_bytes
-        self.sql: Service | None = sql  # SQL over cached datasets, routed below
+        self.sql = sql  # SQL over cached datasets, routed below
         self.max_endpoints = max_endpoints
         self._actions = self._action_handlers()
         self._counters_lock = threading.Lock()
