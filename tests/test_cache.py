@@ -15,9 +15,9 @@ from conftest import MotoS3, logs_table, run_cli, start_server, stop_server
 
 import flightcache
 from flightcache.errors import InvalidRequestError, MemoryFullError, StorageError
+from flightcache.server.arrays import buffer_sizes
 from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
-from flightcache.server.store import buffer_sizes
 
 pytestmark = pytest.mark.s3
 

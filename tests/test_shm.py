@@ -20,10 +20,11 @@ from conftest import every_type_table, logs_table, start_server, stop_server
 import flightcache
 from flightcache.errors import MemoryFullError
 from flightcache.protocol import ShmRequest
+from flightcache.server.arrays import buffer_sizes
 from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.shm import SharedMemory
-from flightcache.server.store import Store, buffer_sizes
+from flightcache.server.store import Store
 from flightcache.shm import NONCE_KEY, read_shared
 
 ROOT = Path("/dev/shm") / f"flightcache-{os.getuid()}"

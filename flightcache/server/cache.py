@@ -29,9 +29,10 @@ import pyarrow as pa
 from ..errors import DatasetNotFoundError, FlightcacheError, InvalidRequestError, NotInMemoryError, StorageError
 from ..units import DEFAULT_BATCH_ROWS
 from .allocator import TRIM_BYTES, process_memory, release_memory
+from .catalog import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, VersionRecord
 from .shm import SharedMemory
 from .storage import Storage, read_external
-from .store import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, StagedPut, Store, StoredVersion, Version
+from .store import StagedPut, Store, Version
 
 log = logging.getLogger("flightcache.cache")
 
@@ -111,7 +112,7 @@ class Cache:
             self.storage.remove(path)
             removed.append(self.storage.describe(path))
         for m in manifests:
-            self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
+            self.store.add_stored(VersionRecord(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
         removed += self.storage.clean(manifests)
         if manifests or removed:
             log.info(
@@ -184,11 +185,8 @@ class Cache:
 
     def _publish_through(self, staged: StagedPut) -> Version:
         assert self.storage is not None
-        staged._flush_pending()
-        with self.store._lock:
-            self.store._check_mode(staged.name, staged.schema, staged.mode)
-            base = self.store._entries.get(staged.name)
-            previous = base.current.batches if staged.mode == "append" and base and base.current else ()
+        staged.flush()
+        previous = self.store.append_base(staged)
         number = self.store.next_version(staged.name)
         batches = [*previous, *staged.batches]
         started = time.perf_counter()

@@ -41,12 +41,14 @@ from ..protocol import (
     encode_schema,
     error_to_flight,
 )
+from .arrays import batch_nbytes
 from .auth import MIDDLEWARE_KEY as AUTH_KEY
 from .auth import Auth, Limits, require_write, server_options
 from .cache import Cache
+from .catalog import PERSIST_FAILED
 from .operations import MIDDLEWARE_KEY, Operations, draining_error, note
 from .storage import redacted
-from .store import PERSIST_FAILED, Version, batch_nbytes
+from .store import Version
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without

@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from ..errors import InvalidRequestError, MemoryFullError
 from ..units import format_bytes
+from .arrays import schema_contains
 
 if TYPE_CHECKING:
     pass  # loaded where a filter is used: ~8 MiB an idle server does without
@@ -81,7 +82,7 @@ class SharedMemory:
 
     def open(self, name: str, schema: pa.Schema) -> SharedFile | None:
         """A file for one put's batches, or None when Arrow IPC files cannot hold them unchanged."""
-        if _has_dictionary(schema):
+        if schema_contains(schema, pa.types.is_dictionary):
             return None  # an IPC file allows one dictionary per field; batches may carry different ones
         path = self.dir / f"{secrets.token_hex(16)}.arrow"
         return SharedFile(path, schema, self._nonce(str(path)), 0o640 if self.gid is not None else 0o600)
@@ -258,10 +259,3 @@ def _gid(group: str) -> int:
         return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError as e:
         raise InvalidRequestError(f"unknown group {group!r} for --shm-group") from e
-
-
-def _has_dictionary(schema: pa.Schema) -> bool:
-    def nested(t: pa.DataType) -> bool:
-        return pa.types.is_dictionary(t) or any(nested(t.field(i).type) for i in range(t.num_fields))
-
-    return any(nested(f.type) for f in schema)

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from ..errors import InvalidNameError, StorageError
 from ..names import validate_name
-from .store import batch_nbytes
+from .arrays import batch_nbytes
 
 # Imported where used: pyarrow.dataset brings pandas (~50 MiB), and pyarrow.fs with pyarrow.parquet
 # cost ~8 MiB that a memory-only server never needs.

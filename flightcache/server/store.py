@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
@@ -37,96 +37,23 @@ from ..errors import (
 )
 from ..names import validate_name
 from ..units import DEFAULT_BATCH_ROWS, format_bytes
+from .arrays import aligned, buffer_sizes
+from .catalog import (
+    COUNTERS,
+    IN_STORAGE_ONLY,
+    MEMORY_ONLY,
+    PERSISTED,
+    STATES,
+    Catalog,
+    DatasetRecord,
+    LocalCatalog,
+    VersionRecord,
+)
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
 
 PUT_MODES = ("overwrite", "append", "create")
-# Dataset states, as `info` reports them.
-MEMORY_ONLY, PERSISTING, PERSISTED, PERSIST_FAILED, IN_STORAGE_ONLY = (
-    "memory-only",
-    "persisting",
-    "persisted",
-    "persist-failed",
-    "in-storage-only",
-)
-def buffer_sizes(batches: Iterable[pa.RecordBatch]) -> dict[int, int]:
-    """The distinct Arrow buffers behind ``batches``, as {address: size}."""
-    sizes: dict[int, int] = {}
-
-    def visit(arr: pa.Array) -> None:
-        for buf in arr.buffers():  # includes the buffers of child arrays
-            if buf is not None:
-                sizes[buf.address] = max(buf.size, sizes.get(buf.address, 0))
-        if isinstance(arr, pa.DictionaryArray):
-            visit(arr.dictionary)
-        elif _has_dictionary(arr.type):
-            for child in _children(arr):
-                visit_dictionaries(child)
-
-    def visit_dictionaries(arr: pa.Array) -> None:
-        if isinstance(arr, pa.DictionaryArray):
-            visit(arr.dictionary)
-        elif _has_dictionary(arr.type):
-            for child in _children(arr):
-                visit_dictionaries(child)
-
-    for batch in batches:
-        for column in batch.columns:
-            visit(column)
-    return sizes
-
-
-def aligned(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """``batch`` with every buffer 8-byte aligned, copying it once if any buffer is not.
-
-    Flight hands a server views into gRPC slices at arbitrary addresses (measured: 1 mod 8), which
-    compute kernels (filters, DuckDB, Parquet writers) read slowly or refuse. One copy through Arrow
-    IPC, whose writer pads every buffer to 8 bytes, fixes it for the dataset's lifetime.
-    """
-    if all(address % 8 == 0 for address in buffer_sizes([batch])):
-        return batch
-    # Sized exactly: a growing BufferOutputStream would keep up to twice the bytes allocated.
-    mock = pa.MockOutputStream()
-    with pa.ipc.new_stream(mock, batch.schema) as writer:
-        writer.write_batch(batch)
-    buffer = pa.allocate_buffer(mock.size())
-    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buffer), batch.schema) as writer:
-        writer.write_batch(batch)
-    return pa.ipc.open_stream(buffer).read_next_batch()
-
-
-def _has_dictionary(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        return True
-    return any(_has_dictionary(t.field(i).type) for i in range(t.num_fields))
-
-
-def batch_nbytes(batch: pa.RecordBatch) -> int:
-    """``batch.nbytes``, but safe: for a batch with union columns, the size of all its buffers.
-
-    pyarrow (26) crashes the process computing ``nbytes`` of an empty union read from IPC, as a list of
-    nulls of unions arrives from Flight (its type-ids buffer is absent).
-    """
-    if any(_has_union(f.type) for f in batch.schema):
-        return batch.get_total_buffer_size()
-    return batch.nbytes
-
-
-def _has_union(t: pa.DataType) -> bool:
-    if pa.types.is_union(t):
-        return True
-    return any(_has_union(t.field(i).type) for i in range(t.num_fields))
-
-
-def _children(arr: pa.Array) -> list[pa.Array]:
-    if isinstance(arr, (pa.StructArray, pa.UnionArray)):
-        return [arr.field(i) for i in range(arr.type.num_fields)]
-    if hasattr(arr, "values"):  # list, large list, fixed-size list, map, list view
-        return [arr.values]
-    return []
-
-
 class BatchFile(Protocol):
     """Where one put's batches are kept instead of process memory."""
 
@@ -162,6 +89,10 @@ class Version:
     def table(self) -> pa.Table:
         return pa.Table.from_batches(self.batches, self.schema)
 
+    def record(self) -> VersionRecord:
+        """What the catalog keeps of this version."""
+        return VersionRecord(self.name, self.number, self.schema, self.num_rows, self.nbytes, self.created)
+
     def batch_ranges(self, max_bytes: int, max_ranges: int, at_least: int = 1) -> list[tuple[int, int]]:
         """Split the batches into contiguous [start, end) ranges of about ``max_bytes`` each, and at least
         ``at_least`` of them where there are that many batches (never more than ``max_ranges``)."""
@@ -171,18 +102,6 @@ class Version:
         wanted = max(1, min(max_ranges, n, max(at_least, -(-self.nbytes // max(1, max_bytes)))))
         bounds = [round(i * n / wanted) for i in range(wanted + 1)]
         return [(bounds[i], bounds[i + 1]) for i in range(wanted)]
-
-
-@dataclass(frozen=True)
-class StoredVersion:
-    """What the storage tier holds of a dataset that is not in memory."""
-
-    name: str
-    number: int
-    schema: pa.Schema
-    num_rows: int
-    nbytes: int
-    created: float
 
 
 @dataclass
@@ -223,22 +142,6 @@ class DatasetInfo:
         }
 
 
-COUNTERS = ("hits", "misses", "bytes_served", "bytes_loaded", "bytes_persisted", "evictions", "load_s", "persist_s")
-
-
-@dataclass
-class _Entry:
-    current: Version | None  # None: held by the storage tier only
-    last_read: float | None = None
-    stored: StoredVersion | None = None
-    state: str = MEMORY_ONLY
-    persisted_version: int | None = None
-    persist_error: str | None = None
-    pinned: bool = False
-    expires: float | None = None
-    counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-
-
 @dataclass
 class _Txn:
     name: str
@@ -255,7 +158,7 @@ class _Retained:
 
 
 class Store:
-    """A thread-safe catalog of named, versioned Arrow tables with a memory limit."""
+    """Named, versioned Arrow tables in memory, with a memory limit; their metadata is in ``catalog``."""
 
     def __init__(
         self,
@@ -268,6 +171,7 @@ class Store:
         on_full: Callable[[int], int] | None = None,
         max_datasets: int | None = None,
         files: BatchFiles | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
@@ -280,16 +184,16 @@ class Store:
         self.max_datasets = max_datasets  # bound on names in the catalog (memory and storage-only)
         self.files = files
         self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] = {}
+        self.catalog: Catalog = catalog if catalog is not None else LocalCatalog()
+        self._memory: dict[str, Version] = {}  # the current version of each dataset this memory holds
         self._retained: list[_Retained] = []
         self._refs: dict[int, list[int]] = {}  # address -> [size, count]
         self._file_refs: dict[str, int] = {}  # batch file token -> versions using it
         self._used = 0  # bytes of buffers held by published and retained versions
         self._staged = 0  # bytes of puts in progress
-        self._next_version: dict[str, int] = {}
         self._txns: dict[str, _Txn] = {}
         self._aborted: dict[str, float] = {}  # txn -> until when late parts are refused
-        self._dropped_counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)  # totals never go down
+        self._dropped_counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)  # totals never go down
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -403,8 +307,8 @@ class Store:
             f.discard()
 
     def _check_mode(self, name: str, schema: pa.Schema, mode: str) -> None:
-        entry = self._entries.get(name)
-        held = None if entry is None else entry.current or entry.stored
+        record = self.catalog.get(name)
+        held = None if record is None else record.current
         if mode == "create" and held is not None:
             raise DatasetExistsError(
                 f"dataset {name!r} already exists (version {held.number}); "
@@ -420,33 +324,41 @@ class Store:
             )
 
     def _check_room_for(self, name: str) -> None:
-        if self.max_datasets is not None and name not in self._entries and len(self._entries) >= self.max_datasets:
+        known = self.catalog.get(name) is not None
+        if self.max_datasets is not None and not known and len(self.catalog) >= self.max_datasets:
             raise LimitExceededError(
                 f"cannot create dataset {name!r}: the server holds at most {self.max_datasets} datasets "
                 "(flightcache serve --max-datasets); drop one first"
             )
 
+    def append_base(self, staged: StagedPut) -> tuple[pa.RecordBatch, ...]:
+        """Check that ``staged`` may publish now; the batches an append adds to (none for other modes)."""
+        with self._lock:
+            self._check_mode(staged.name, staged.schema, staged.mode)
+            current = self._memory.get(staged.name)
+            return current.batches if staged.mode == "append" and current is not None else ()
+
     def next_version(self, name: str) -> int:
         """The number the next publish of ``name`` gets (callers serialise publishes of one name)."""
         with self._lock:
-            return self._next_version.get(name, 1)
+            return self.catalog.next_version(name)
 
     def _publish(self, staged: StagedPut, number: int | None = None) -> Version:
         with self._lock:
             self._expire_retained()
             self._check_mode(staged.name, staged.schema, staged.mode)
             self._check_room_for(staged.name)
-            entry = self._entries.get(staged.name)
+            previous = self._memory.get(staged.name)
             batches = tuple(staged.batches)
             files = tuple(f.token for f in staged.files)
             in_files = staged.in_files
-            if staged.mode == "append" and entry is not None:
-                if entry.current is None:
+            if staged.mode == "append" and self.catalog.get(staged.name) is not None:
+                if previous is None:
                     raise NotInMemoryError(f"dataset {staged.name!r} must be loaded before an append")
-                batches = entry.current.batches + batches
-                files = entry.current.files + files
-                in_files = in_files and entry.current.in_files
-            expected = self._next_version.get(staged.name, 1)
+                batches = previous.batches + batches
+                files = previous.files + files
+                in_files = in_files and previous.in_files
+            expected = self.catalog.next_version(staged.name)
             if number is not None and number != expected:
                 raise InvalidRequestError(f"version {number} of {staged.name!r} is taken; next is {expected}")
             number = expected
@@ -462,16 +374,12 @@ class Store:
                 files=files,
                 in_files=in_files,
             )
+            self.catalog.publish(version.record(), in_memory=True, state=MEMORY_ONLY)
             self._acquire(sizes, files)
             self._staged -= staged.nbytes
-            self._next_version[staged.name] = number + 1
-            if entry is None:
-                self._entries[staged.name] = _Entry(version)
-            else:
-                if entry.current is not None:
-                    self._retire(entry.current)
-                entry.current, entry.stored = version, None
-                entry.state, entry.persist_error = MEMORY_ONLY, None
+            if previous is not None:
+                self._retire(previous)
+            self._memory[staged.name] = version
             return version
 
     def restore(self, name: str, table: pa.Table, number: int) -> Version:
@@ -480,11 +388,11 @@ class Store:
         try:
             for batch in table.to_batches():
                 staged.add(batch)
-            staged._flush_pending()
+            staged.flush()
             staged._finish_files()
             with self._lock:
-                entry = self._entries.get(name)
-                if entry is None or entry.current is not None or entry.stored is None or entry.stored.number != number:
+                record = self.catalog.get(name)
+                if record is None or record.in_memory or record.current.number != number:
                     raise InvalidRequestError(f"dataset {name!r} changed while version {number} was loading")
                 batches = tuple(staged.batches)
                 sizes = buffer_sizes(batches)
@@ -496,15 +404,15 @@ class Store:
                     batches,
                     table.num_rows,
                     sum(sizes.values()),
-                    entry.stored.created,
+                    record.current.created,
                     files,
                     staged.in_files,
                 )
                 self._acquire(sizes, files)
                 self._staged -= staged.nbytes
                 staged._done = True
-                entry.current, entry.stored = version, None
-                entry.state = PERSISTED
+                self._memory[name] = version
+                self.catalog.update(name, current=version.record(), in_memory=True, state=PERSISTED)
                 return version
         except BaseException:
             staged.abort()
@@ -530,12 +438,8 @@ class Store:
             self._staged -= nbytes
 
     def _full_message(self, name: str, nbytes: int) -> str:
-        held = [e for e in self._entries.values() if e.current is not None]
-        largest = sorted(held, key=lambda e: -e.current.nbytes)[:3]  # type: ignore[union-attr]
-        holders = ", ".join(
-            f"{e.current.name} ({format_bytes(e.current.nbytes)}, {'pinned' if e.pinned else e.state})"  # type: ignore[union-attr]
-            for e in largest
-        )
+        largest = sorted(self._memory.values(), key=lambda v: -v.nbytes)[:3]
+        holders = ", ".join(f"{v.name} ({format_bytes(v.nbytes)}, {self._held_as(v.name)})" for v in largest)
         return (
             f"memory full: putting dataset {name!r} needs {format_bytes(nbytes)} more, but "
             f"{format_bytes(self._used + self._staged)} of the {format_bytes(self.memory_limit or 0)} "
@@ -551,126 +455,122 @@ class Store:
         validate_name(name)
         with self._lock:
             self._expire_retained()
-            entry = self._entries.get(name)
-            if entry is None:
+            record = self.catalog.get(name)
+            if record is None:
                 raise DatasetNotFoundError(
                     f"dataset {name!r} not found; list datasets with 'flightcache ls' or put it first"
                 )
-            if entry.current is None:
+            current = self._memory.get(name)
+            if current is None:
                 raise NotInMemoryError(f"dataset {name!r} is held by the storage tier only; load it first")
-            entry.last_read = self._clock()
-            if version is None or version == entry.current.number:
-                return entry.current
+            record.last_read = self._clock()
+            if version is None or version == current.number:
+                return current
             for r in self._retained:
                 if r.version.name == name and r.version.number == version:
                     r.until = max(r.until, self._clock() + self.retain_seconds)  # still being read
                     return r.version
             raise DatasetNotFoundError(
                 f"version {version} of dataset {name!r} is no longer held (the current version "
-                f"is {entry.current.number}); fetch the flight info again to read the current one"
+                f"is {current.number}); fetch the flight info again to read the current one"
             )
 
     # -- tier metadata: states, pins, TTL, eviction candidates, counters -------------------
 
-    def add_stored(self, stored: StoredVersion) -> None:
+    def add_stored(self, stored: VersionRecord) -> None:
         """Register a dataset the storage tier holds but memory does not (at start-up)."""
         with self._lock:
-            if stored.name in self._entries:
-                return
-            self._entries[stored.name] = _Entry(
-                None, stored=stored, state=IN_STORAGE_ONLY, persisted_version=stored.number
-            )
-            self._next_version[stored.name] = max(self._next_version.get(stored.name, 1), stored.number + 1)
+            self.catalog.add_stored(stored)
 
     def current(self, name: str) -> Version | None:
         """The version of ``name`` in memory, without counting it as a read."""
         with self._lock:
-            entry = self._entries.get(name)
-            return entry.current if entry is not None else None
+            return self._memory.get(name)
 
-    def stored(self, name: str) -> StoredVersion | None:
+    def stored(self, name: str) -> VersionRecord | None:
         """What storage holds of ``name`` when it is not in memory."""
         with self._lock:
-            entry = self._entries.get(name)
-            return entry.stored if entry is not None and entry.current is None else None
+            record = self.catalog.get(name)
+            return record.current if record is not None and not record.in_memory else None
+
+    def record(self, name: str) -> DatasetRecord | None:
+        """A copy of the catalog's record of ``name`` (None: unknown)."""
+        with self._lock:
+            record = self.catalog.get(name)
+            return None if record is None else replace(record, counters=dict(record.counters))
 
     def evict(self, name: str, number: int) -> int:
         """Free the memory of version ``number`` of a persisted dataset; returns the bytes freed."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.current is None or entry.current.number != number or entry.pinned:
+            record, v = self.catalog.get(name), self._memory.get(name)
+            if record is None or v is None or v.number != number or record.pinned:
                 return 0
-            if entry.persisted_version != number:
+            if record.persisted_version != number:
                 raise InvalidRequestError(f"dataset {name!r} version {number} is not persisted; it cannot be evicted")
             before = self._used
-            v = entry.current
             self._release(v)
             self._release_retained_of(name)
-            entry.current = None
-            entry.stored = StoredVersion(name, v.number, v.schema, v.num_rows, v.nbytes, v.created)
-            entry.state = IN_STORAGE_ONLY
-            entry.counters["evictions"] += 1
+            del self._memory[name]
+            self.catalog.update(name, in_memory=False, state=IN_STORAGE_ONLY)
+            record.counters["evictions"] += 1
             return before - self._used
 
     def set_state(self, name: str, number: int, state: str, error: str | None = None) -> None:
         """Record the persistence state of version ``number`` (ignored if it is no longer current)."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None:
+            record = self.catalog.get(name)
+            if record is None:
                 return
             if state == PERSISTED:
-                entry.persisted_version = max(entry.persisted_version or 0, number)
-            held = entry.current.number if entry.current is not None else None
-            if held == number:
-                entry.state, entry.persist_error = state, error
+                self.catalog.update(name, persisted_version=max(record.persisted_version or 0, number))
+            if record.in_memory and record.current.number == number:
+                self.catalog.update(name, state=state, persist_error=error)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         with self._lock:
-            self._entry(name).pinned = pinned
+            self._record(name)
+            self.catalog.update(name, pinned=pinned)
 
     def set_ttl(self, name: str, ttl: float | None) -> None:
         """Make ``name`` leave memory ``ttl`` seconds from now (None: never)."""
         with self._lock:
-            self._entry(name).expires = None if ttl is None else self._clock() + ttl
+            self._record(name)
+            self.catalog.update(name, expires=None if ttl is None else self._clock() + ttl)
 
     def count(self, name: str, **amounts: float) -> None:
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is not None:
+            record = self.catalog.get(name)
+            if record is not None:
                 for key, n in amounts.items():
-                    entry.counters[key] += n
+                    record.counters[key] += n
 
     def candidates(self) -> list[tuple[str, int, int, bool]]:
         """(name, version, bytes, persisted) of evictable datasets, least recently used first."""
         with self._lock:
-            held = [e for e in self._entries.values() if e.current is not None and not e.pinned]
-            held.sort(key=lambda e: max(e.last_read or 0.0, e.current.created))  # type: ignore[union-attr]
-            return [
-                (
-                    e.current.name,
-                    e.current.number,
-                    e.current.nbytes,  # type: ignore[union-attr]
-                    e.persisted_version == e.current.number,
-                )
-                for e in held
-            ]  # type: ignore[union-attr]
+            held = [(r, self._memory[name]) for name, r in self.catalog if r.in_memory and not r.pinned]
+            held.sort(key=lambda rv: max(rv[0].last_read or 0.0, rv[1].created))
+            return [(v.name, v.number, v.nbytes, r.persisted_version == v.number) for r, v in held]
 
     def expired(self) -> list[tuple[str, int, bool]]:
         """(name, version, persisted) of datasets in memory whose TTL has passed."""
         with self._lock:
             now = self._clock()
             return [
-                (e.current.name, e.current.number, e.persisted_version == e.current.number)
-                for e in self._entries.values()
-                if e.current is not None and e.expires is not None and e.expires <= now
+                (name, r.current.number, r.persisted_version == r.current.number)
+                for name, r in self.catalog
+                if r.in_memory and r.expires is not None and r.expires <= now
             ]
 
-    def _entry(self, name: str) -> _Entry:
+    def _record(self, name: str) -> DatasetRecord:
         validate_name(name)
-        entry = self._entries.get(name)
-        if entry is None:
+        record = self.catalog.get(name)
+        if record is None:
             raise DatasetNotFoundError(f"dataset {name!r} not found; list datasets with 'flightcache ls'")
-        return entry
+        return record
+
+    def _held_as(self, name: str) -> str:
+        record = self.catalog.get(name)
+        return "pinned" if record is None or record.pinned else record.state
 
     def scan(
         self,
@@ -724,24 +624,25 @@ class Store:
 
     def list(self) -> list[DatasetInfo]:
         with self._lock:
-            return [self._info(e) for _, e in sorted(self._entries.items())]
+            return [self._info(r) for _, r in self.catalog]
 
     def info(self, name: str) -> DatasetInfo:
         with self._lock:
-            return self._info(self._entry(name))
+            return self._info(self._record(name))
 
     def drop(self, name: str) -> DatasetInfo:
         """Remove a dataset and free its memory (open streams keep what they already hold)."""
         validate_name(name)
         with self._lock:
-            entry = self._entries.pop(name, None)
-            if entry is None:
+            record = self.catalog.remove(name)
+            if record is None:
                 raise DatasetNotFoundError(f"cannot drop dataset {name!r}: not found")
-            info = self._info(entry)
-            if entry.current is not None:
-                self._release(entry.current)
+            held = self._memory.pop(name, None)
+            info = self._info(record, held)
+            if held is not None:
+                self._release(held)
             self._release_retained_of(name)
-            for key, n in entry.counters.items():
+            for key, n in record.counters.items():
                 self._dropped_counters[key] += n
             return info
 
@@ -758,16 +659,13 @@ class Store:
         with self._lock:
             self._expire_retained()
             return {
-                "datasets": len(self._entries),
+                "datasets": len(self.catalog),
                 "memory_used": self._used,
                 "memory_staged": self._staged,
                 "memory_limit": self.memory_limit,
-                "dataset_bytes": sum(e.current.nbytes for e in self._entries.values() if e.current is not None),
-                "states": {
-                    s: sum(e.state == s for e in self._entries.values())
-                    for s in (MEMORY_ONLY, PERSISTING, PERSISTED, PERSIST_FAILED, IN_STORAGE_ONLY)
-                },
-                "pinned": sum(e.pinned for e in self._entries.values()),
+                "dataset_bytes": sum(v.nbytes for v in self._memory.values()),
+                "states": {s: sum(r.state == s for _, r in self.catalog) for s in STATES},
+                "pinned": sum(r.pinned for _, r in self.catalog),
                 "retained_versions": len(self._retained),
                 "open_transactions": len(self._txns),
             }
@@ -775,7 +673,7 @@ class Store:
     def counter_totals(self) -> dict[str, float]:
         """Each counter summed over every dataset there has been, dropped ones included."""
         with self._lock:
-            live = [e.counters for e in self._entries.values()]
+            live = [r.counters for _, r in self.catalog]
             return {k: n + sum(c[k] for c in live) for k, n in self._dropped_counters.items()}
 
     @property
@@ -784,10 +682,10 @@ class Store:
         with self._lock:
             return self._used
 
-    def _info(self, entry: _Entry) -> DatasetInfo:
-        v = entry.current if entry.current is not None else entry.stored
-        assert v is not None
-        batches = len(entry.current.batches) if entry.current is not None else 0
+    def _info(self, record: DatasetRecord, held: Version | None = None) -> DatasetInfo:
+        v = record.current
+        held = held or self._memory.get(v.name)
+        batches = len(held.batches) if held is not None else 0
         return DatasetInfo(
             v.name,
             v.number,
@@ -796,14 +694,14 @@ class Store:
             v.nbytes,
             batches,
             v.created,
-            entry.last_read,
-            entry.state,
-            entry.current is not None,
-            entry.persisted_version,
-            entry.persist_error,
-            entry.pinned,
-            entry.expires,
-            dict(entry.counters),
+            record.last_read,
+            record.state,
+            record.in_memory,
+            record.persisted_version,
+            record.persist_error,
+            record.pinned,
+            record.expires,
+            dict(record.counters),
         )
 
     # -- accounting ------------------------------------------------------------------------
@@ -888,7 +786,7 @@ class StagedPut:
             )
         rows = self.store.batch_rows
         if batch.num_rows >= rows // 4:
-            self._flush_pending()
+            self.flush()
             if self._to_file():  # the file write is the copy that aligns; each slice is written once
                 for offset in range(0, batch.num_rows, rows):
                     self._keep(self._file.keep(batch.slice(offset, rows)))  # type: ignore[union-attr]
@@ -906,9 +804,9 @@ class StagedPut:
             self._pending_rows += batch.num_rows
             self._pending_bytes += pending_bytes
             if self._pending_rows >= rows:
-                self._flush_pending()
+                self.flush()
 
-    def _flush_pending(self) -> None:
+    def flush(self) -> None:
         if not self._pending:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
@@ -947,7 +845,7 @@ class StagedPut:
 
     def publish(self, number: int | None = None) -> Version:
         """Make the staged batches the dataset's new version (numbered ``number`` if given), atomically."""
-        self._flush_pending()
+        self.flush()
         if self._done:
             raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
         try:
@@ -962,7 +860,7 @@ class StagedPut:
 
     def stage(self, txn: str) -> str:
         """Keep the batches as a part of transaction ``txn``, published by ``Store.commit``."""
-        self._flush_pending()
+        self.flush()
         if self._done:
             raise InvalidRequestError(f"put of dataset {self.name!r} is already finished")
         try:
