@@ -344,7 +344,7 @@ class FlightcacheServer(flight.FlightServerBase):
             writer.write(pa.py_buffer(json.dumps(staged_part).encode()))
             return
         note(context, version=version.number)
-        result = {"name": name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
+        result = version.summary()
         writer.write(pa.py_buffer(json.dumps(result).encode()))
 
     # -- actions ---------------------------------------------------------------------------
@@ -432,7 +432,7 @@ class FlightcacheServer(flight.FlightServerBase):
             c.txn, c.name, c.mode, parts=c.parts, schema=c.arrow_schema(), persist=c.persist, ttl=c.ttl
         )
         note(context, version=version.number, txn=c.txn)
-        return {"name": version.name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
+        return version.summary()
 
     def _do_abort(self, context: flight.ServerCallContext, a: AbortRequest) -> dict[str, Any]:
         return {"txn": a.txn, "parts_discarded": self.store.abort(a.txn)}
@@ -484,9 +484,7 @@ class FlightcacheServer(flight.FlightServerBase):
                 raise _flight_error("load", value)
             else:
                 log.info("loaded %s v%d from %s", value.name, value.number, redacted(request.uri))
-                yield json.dumps(
-                    {"name": value.name, "version": value.number, "rows": value.num_rows, "bytes": value.nbytes}
-                ).encode()
+                yield json.dumps(value.summary()).encode()
                 return
 
     def stats(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
@@ -88,6 +88,10 @@ class Version:
 
     def table(self) -> pa.Table:
         return pa.Table.from_batches(self.batches, self.schema)
+
+    def summary(self) -> dict[str, Any]:
+        """What a put, commit, load or ``sql into`` answers: {"name", "version", "rows", "bytes"}."""
+        return {"name": self.name, "version": self.number, "rows": self.num_rows, "bytes": self.nbytes}
 
     def record(self) -> VersionRecord:
         """What the catalog keeps of this version."""

@@ -223,7 +223,7 @@ class SqlService:
             version.nbytes,
             time.perf_counter() - started,
         )
-        answer = {"name": version.name, "version": version.number, "rows": version.num_rows, "bytes": version.nbytes}
+        answer = version.summary()
         return json.dumps(answer).encode()
 
     def _prepare(self, context: flight.ServerCallContext, query: str) -> bytes:
