@@ -218,7 +218,7 @@ class CommitRequest(_Message):
         if self.schema is None:
             return None
         try:
-            return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.schema, validate=True)))
+            return decode_schema(self.schema)
         except (ValueError, pa.ArrowException) as e:
             raise InvalidRequestError(f"commit of dataset {self.name!r}: 'schema' is not a base64 Arrow schema") from e
 
@@ -397,6 +397,7 @@ WRITE_ACTIONS = frozenset(name for name, a in ACTIONS.items() if a.role == WRITE
 
 
 def encode_schema(schema: pa.Schema) -> str:
+    """A schema on the wire and in manifests: base64 of its Arrow IPC serialization."""
     return base64.b64encode(schema.serialize().to_pybytes()).decode()
 
 

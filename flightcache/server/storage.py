@@ -18,7 +18,6 @@ denied, not found) fail at once. Every failure is a ``StorageError`` naming the 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import pyarrow as pa
 
 from ..errors import InvalidNameError, StorageError
 from ..names import validate_name
+from ..protocol import decode_schema, encode_schema
 from .arrays import batch_nbytes
 
 # Imported where used: pyarrow.dataset brings pandas (~50 MiB), and pyarrow.fs with pyarrow.parquet
@@ -83,7 +83,7 @@ class Manifest:
                 "format": MANIFEST_FORMAT,
                 "name": self.name,
                 "version": self.version,
-                "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
+                "schema": encode_schema(self.schema),
                 "rows": self.rows,
                 "bytes": self.bytes,
                 "files": list(self.files),
@@ -98,7 +98,7 @@ class Manifest:
             d = json.loads(raw)
             if d.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"unknown manifest format {d.get('format')!r}")
-            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["schema"])))
+            schema = decode_schema(d["schema"])
             if not all(_PART_FILE.fullmatch(str(f["path"])) for f in d["files"]):
                 raise ValueError("a part path is not part-NNNNN.parquet")
             return cls(
