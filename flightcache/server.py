@@ -244,7 +244,7 @@ class FlightcacheServer(flight.FlightServerBase):
         ]
         rows = version.num_rows if exact else -1
         nbytes = version.nbytes if exact and request.columns is None else -1
-        return flight.FlightInfo(schema, descriptor, endpoints, rows, nbytes)
+        return flight.FlightInfo(schema, descriptor, endpoints, rows, nbytes, ordered=True)  # concatenate in order
 
     @_translated
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:

@@ -149,7 +149,7 @@ def test_path_descriptor_flight_info_and_tickets(server: FlightcacheServer, c: f
     assert info.schema.equals(data.schema)
     assert info.total_records == data.num_rows and info.total_bytes > 0
     assert info.descriptor.path == [b"conf/t"]
-    assert len(info.endpoints) > 1
+    assert len(info.endpoints) > 1 and info.ordered and info.app_metadata == b""
     ranges = []
     for e in info.endpoints:
         assert e.locations == []
