@@ -104,9 +104,26 @@ class FlightConformanceTest {
   /** §6: a do_put of rows [start, start+n) in batches of 100, with the end-of-stream message when trailer. */
   static JsonNode put(FlightDescriptor descriptor, int start, int n, boolean trailer, CallOption... options)
       throws InterruptedException {
+    return put(descriptor, null, start, n, trailer, options);
+  }
+
+  /** Metadata-only message (§6.1 form 2, §6.3): app_metadata and no batch. */
+  static void putMetadata(FlightClient.ClientStreamListener stream, Map<String, ?> json) {
+    byte[] raw = Wire.json(json);
+    ArrowBuf buf = allocator.buffer(raw.length);
+    buf.writeBytes(raw);
+    stream.putMetadata(buf); // the stream takes ownership of buf
+  }
+
+  /** §6: as above, with put options as the first message's app_metadata when {@code firstMessage} is given. */
+  static JsonNode put(FlightDescriptor descriptor, Map<String, ?> firstMessage, int start, int n, boolean trailer,
+      CallOption... options) throws InterruptedException {
     try (VectorSchemaRoot root = VectorSchemaRoot.create(SCHEMA, allocator)) {
       SyncPutListener listener = new SyncPutListener();
       FlightClient.ClientStreamListener stream = client.startPut(descriptor, root, listener, options);
+      if (firstMessage != null) {
+        putMetadata(stream, firstMessage);
+      }
       for (int at = start; at < start + n; at += 100) {
         try (VectorSchemaRoot batch = rows(at, Math.min(100, start + n - at))) {
           for (int c = 0; c < SCHEMA.getFields().size(); c++) {
@@ -117,10 +134,7 @@ class FlightConformanceTest {
         }
       }
       if (trailer) {
-        byte[] end = Wire.json(Map.of("v", 1, "end", true, "rows", n));
-        ArrowBuf buf = allocator.buffer(end.length);
-        buf.writeBytes(end);
-        stream.putMetadata(buf); // a message with app_metadata and no batch
+        putMetadata(stream, Map.of("v", 1, "end", true, "rows", n));
       }
       stream.completed();
       try (PutResult result = readResult(listener)) {
@@ -204,6 +218,24 @@ class FlightConformanceTest {
       listed |= f.getDescriptor().getPath().equals(List.of("java/t"));
     }
     assertTrue(listed);
+  }
+
+  @Test
+  void putOptionsInTheFirstMessageOfAPathDescriptorPut() throws Exception {
+    JsonNode created = put(FlightDescriptor.path("java/opts"), Map.of("v", 1, "mode", "create", "trailer", true),
+        0, 300, true, W);
+    assertEquals(1, created.get("version").asInt());
+    JsonNode appended = put(FlightDescriptor.path("java/opts"), Map.of("mode", "append", "trailer", true),
+        300, 200, true, W);
+    assertEquals(2, appended.get("version").asInt());
+    assertEquals(500, appended.get("rows").asLong());
+    FlightRuntimeException exists = refused(() ->
+        put(FlightDescriptor.path("java/opts"), Map.of("mode", "create"), 0, 10, false, W));
+    assertEquals("DATASET_EXISTS", Wire.code(exists));
+    JsonNode empty = put(Wire.command(Map.of("name", "java/none", "trailer", true)), 0, 0, true, W);
+    assertEquals(0, empty.get("rows").asLong());
+    FlightInfo old = client.getInfo(Wire.command(Map.of("name", "java/opts", "version", 1)), R);
+    assertEquals(300, readIds(old, R).size());
   }
 
   @Test
