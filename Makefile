@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-quick test test-fast lint bench clean
+.PHONY: demo demo-quick test test-fast test-java-conformance lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(PY) pipelines/two_stage.py
 
-test: $(STAMP)
+test: $(STAMP) test-java-conformance
 	$(PY) -m ruff check flightcache tests bench pipelines
 	$(PY) -m pytest
+
+# docs/protocol.md from the JVM: a plain Arrow Flight Java client and the Flight SQL JDBC driver against a real
+# `flightcache serve` of this venv. Dependencies come from Maven Central (MVN_FLAGS=-o once they are cached).
+MVN_FLAGS ?=
+test-java-conformance: $(STAMP)
+	cd connectors/conformance && mvn -q -B $(MVN_FLAGS) test -Dflightcache.bin=$(abspath $(VENV))/bin/flightcache
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not spark"
@@ -40,4 +46,4 @@ bench: $(STAMP)
 	$(PY) bench/report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .flightcache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .flightcache connectors/conformance/target

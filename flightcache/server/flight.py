@@ -236,7 +236,7 @@ class FlightcacheServer(flight.FlightServerBase):
         ]
         rows = version.num_rows if exact else -1
         nbytes = version.nbytes if exact and request.columns is None else -1
-        return flight.FlightInfo(schema, descriptor, endpoints, rows, nbytes)
+        return flight.FlightInfo(schema, descriptor, endpoints, rows, nbytes, ordered=True)  # concatenate in order
 
     @_translated
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
@@ -293,9 +293,11 @@ class FlightcacheServer(flight.FlightServerBase):
         require_write(context, f"put of dataset {name!r}")
         options = PutOptions.from_bytes(command) if command else None
         first = _next_chunk(reader)
+        carrier = None  # the message whose app_metadata held the options: never the end-of-stream message
         if options is None:
             meta = first.app_metadata if first is not None else None
             options = PutOptions.from_bytes(meta.to_pybytes()) if meta is not None and meta.size else PutOptions()
+            carrier = first
         if options.name is not None and options.name != name:
             raise InvalidRequestError(f"put options name {options.name!r} differs from the descriptor's {name!r}")
         note(context, dataset=name, mode=options.mode, txn=options.txn)
@@ -312,7 +314,7 @@ class FlightcacheServer(flight.FlightServerBase):
                     self.limits.check_put(name, received)
                     staged.add(chunk.data)
                     rows += chunk.data.num_rows
-                elif options.trailer and chunk is not first and chunk.app_metadata is not None:
+                elif options.trailer and chunk is not carrier and chunk.app_metadata is not None:
                     ended = EndOfStream.from_bytes(chunk.app_metadata.to_pybytes())
                 chunk = _next_chunk(reader)
             if context.is_cancelled():

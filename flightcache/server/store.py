@@ -197,6 +197,7 @@ class Store:
         self._staged = 0  # bytes of puts in progress
         self._txns: dict[str, _Txn] = {}
         self._aborted: dict[str, float] = {}  # txn -> until when late parts are refused
+        self._committed: dict[str, float] = {}  # txn -> until when a second commit or a late part is refused
         self._dropped_counters: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)  # totals never go down
 
     # -- writing ---------------------------------------------------------------------------
@@ -232,6 +233,8 @@ class Store:
             self._expire_retained()
             if txn in self._aborted:
                 raise PutAbortedError(f"transaction {txn!r} of dataset {staged.name!r} was aborted; part refused")
+            if txn in self._committed:
+                raise PutAbortedError(f"transaction {txn!r} of dataset {staged.name!r} was committed; part refused")
             t = self._txns.get(txn)
             if t is None:
                 t = self._txns[txn] = _Txn(staged.name, staged.mode, staged.schema, {}, self._clock())
@@ -266,7 +269,14 @@ class Store:
         """
         validate_name(name)
         with self._lock:
+            # An ended transaction is refused: committing it again (a retried commit, or one after an abort
+            # or expiry) would otherwise publish an empty version when a schema is given.
+            if txn in self._aborted:
+                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} has no staged parts (aborted)")
+            if txn in self._committed:
+                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} was already committed")
             t = self._txns.pop(txn, None)
+            self._committed[txn] = self._clock() + self.txn_timeout
         if t is None:
             if parts:
                 raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} has no staged parts (expired?)")
@@ -747,6 +757,7 @@ class Store:
         for txn in [k for k, t in self._txns.items() if t.touched + self.txn_timeout <= now]:
             self.abort(txn)  # its writer went away without committing or aborting
         self._aborted = {k: until for k, until in self._aborted.items() if until > now}
+        self._committed = {k: until for k, until in self._committed.items() if until > now}
 
     def _release_retained(self, everything: bool) -> None:
         now = self._clock()
