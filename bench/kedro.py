@@ -46,7 +46,7 @@ SIDE_VENV_MODES = ("vineyard", "flightcache-k018")
 BUCKET = "kedro-bench"
 VINEYARD_VENV = ROOT / ".venv-vineyard"
 VINEYARD_PUBLISHED = {
-    "source": "Vineyard's Kedro benchmark (v6d.io, 'Accelerate Data Sharing in Kedro', vineyard-kedro docs)",
+    "source": "https://v6d.io/tutorials/data-processing/accelerate-data-sharing-in-kedro.html (Kubernetes, Argo)",
     "vineyard_s": 231.6,
     "aws_s3_s": 1069.7,
     "speedup": round(1069.7 / 231.6, 2),

@@ -4,7 +4,7 @@
     features:
       type: flightcache.kedro.ArrowDataset
       uri: grpc://127.0.0.1:8815
-      name: churn/features          # default: the catalog entry's key is not known to a dataset, so give one
+      name: churn/features          # the dataset's name on the server (required)
       load_as: pandas               # or arrow (a pyarrow Table)
       persist: none                 # none | sync | async (default: the server's)
       credentials: flightcache      # {token: ...} or {username: ..., password: ...} from credentials.yml
@@ -22,9 +22,9 @@ import fnmatch
 from pathlib import PurePosixPath
 from typing import Any
 
-from .client import Client, connect, default_uri
-from .errors import DatasetNotFoundError, FlightcacheError, NotInstalledError
-from .store import validate_name
+# Only the package's public API: the lead may move this module into flightcache/integrations/.
+from flightcache import Client, connect
+from flightcache.errors import DatasetNotFoundError, NotInstalledError
 
 try:
     from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, VersionNotFoundError
@@ -62,10 +62,6 @@ class ArrowDataset(AbstractVersionedDataset):  # not subscripted: Kedro 0.18's i
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            validate_name(name)
-        except FlightcacheError as e:
-            raise DatasetError(f"ArrowDataset {name!r}: {e}") from None
         if load_as not in LOAD_AS:
             raise DatasetError(f"ArrowDataset {name!r}: load_as must be one of {', '.join(LOAD_AS)}, not {load_as!r}")
         credentials = dict(credentials or {})
@@ -153,7 +149,7 @@ class ArrowDataset(AbstractVersionedDataset):  # not subscripted: Kedro 0.18's i
     def _describe(self) -> dict[str, Any]:
         return {
             "name": self._name,
-            "uri": self._uri or default_uri(),
+            "uri": self._uri,
             "load_as": self._load_as,
             "persist": self._persist,
             "ttl": self._ttl,
