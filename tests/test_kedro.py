@@ -214,7 +214,15 @@ def test_bench_kedro_quick(tmp_path: Path) -> None:
     """bench/kedro.py --quick runs the pipeline through shaped S3 and flightcache and writes its JSON."""
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "kedro.py"), "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "kedro.py"),
+            "--quick",
+            "--modes",
+            "s3-cloud,flightcache",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         env=env,
