@@ -46,6 +46,12 @@ def frame(rows: int = 1000) -> pd.DataFrame:
     )
 
 
+def test_kedro_is_imported_only_by_flightcache_kedro() -> None:
+    """import flightcache (and its client) leaves Kedro unloaded; only flightcache.kedro needs the extra."""
+    code = "import sys, flightcache; flightcache.connect; assert 'kedro' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_save_and_load_pandas_and_arrow(uri: str) -> None:
     """A DataFrame saved loads back equal, as pandas or as a pyarrow Table; a Table saves too."""
     df = frame()
