@@ -5,7 +5,8 @@ back, summarize) run with Kedro's SequentialRunner; every dataset between nodes 
 
   s3-cloud           kedro-datasets' own pandas ParquetDataset over s3fs, against moto S3 behind
                      bench/shaping.py (first-byte latency and per-connection bandwidth of cloud S3)
-  flightcache        flightcache.kedro.ArrowDataset on a memory-only `flightcache serve` (shared-memory reads)
+  flightcache        flightcache.integrations.kedro.ArrowDataset on a memory-only `flightcache serve`
+                     (shared-memory reads)
   flightcache-noshm  the same, streamed over Flight (shm off: what a reader on another host gets)
   vineyard           Vineyard's Kedro plugin (vineyard-kedro 0.24.2's VineyardDataSet) on `vineyardd --meta=local`
   flightcache-k018   flightcache in Vineyard's venv (Kedro 0.18.14, pandas 2): the same framework and pandas as
@@ -174,7 +175,7 @@ def child(mode: str, rows: int, config: dict[str, Any]) -> dict[str, Any]:
                 },
             )
         elif mode.startswith("flightcache"):
-            from flightcache.kedro import ArrowDataset
+            from flightcache.integrations.kedro import ArrowDataset
 
             datasets[name] = ArrowDataset(
                 name=f"kedro-bench/{name}",

@@ -1,4 +1,4 @@
-"""flightcache.kedro.ArrowDataset against a real server, alone and in a real Kedro pipeline run."""
+"""flightcache.integrations.kedro.ArrowDataset against a real server, alone and in a real Kedro pipeline run."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import pytest
 
 pytest.importorskip("kedro", reason="the kedro extra is not installed")
 
+from flightcache.auth import Auth
+from flightcache.store import Store
 from kedro.io import DataCatalog
 from kedro.io.core import DatasetError, Version
 from kedro.pipeline import node, pipeline
 from kedro.runner import SequentialRunner
 
 import flightcache
-from flightcache.auth import Auth
-from flightcache.kedro import ArrowDataset
+from flightcache.integrations.kedro import ArrowDataset
 from flightcache.server import FlightcacheServer
-from flightcache.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "kedro-write-token-0123456789"
@@ -47,7 +47,7 @@ def frame(rows: int = 1000) -> pd.DataFrame:
 
 
 def test_kedro_is_imported_only_by_flightcache_kedro() -> None:
-    """import flightcache (and its client) leaves Kedro unloaded; only flightcache.kedro needs the extra."""
+    """import flightcache (and its client) leaves Kedro unloaded; only flightcache.integrations.kedro needs it."""
     code = "import sys, flightcache; flightcache.connect; assert 'kedro' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -175,7 +175,12 @@ def feature_pipeline():  # type: ignore[no-untyped-def]
 def catalog_config(uri: str) -> Iterator[dict[str, dict[str, object]]]:
     """The README's catalog YAML, as Kedro's config loader would hand it over."""
     entries: dict[str, dict[str, object]] = {
-        name: {"type": "flightcache.kedro.ArrowDataset", "uri": uri, "name": f"churn/{name}", "persist": "none"}
+        name: {
+            "type": "flightcache.integrations.kedro.ArrowDataset",
+            "uri": uri,
+            "name": f"churn/{name}",
+            "persist": "none",
+        }
         for name in ("raw", "cleaned", "features", "per_user", "joined")
     }
     # features read a second time, as a pyarrow Table, by the last node

@@ -2,7 +2,7 @@
 
     # conf/base/catalog.yml
     features:
-      type: flightcache.kedro.ArrowDataset
+      type: flightcache.integrations.kedro.ArrowDataset
       uri: grpc://127.0.0.1:8815
       name: churn/features          # the dataset's name on the server (required)
       load_as: pandas               # or arrow (a pyarrow Table)
@@ -29,7 +29,9 @@ from flightcache.errors import DatasetNotFoundError, NotInstalledError
 try:
     from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, VersionNotFoundError
 except ImportError as e:  # kedro is an optional extra
-    raise NotInstalledError(f"flightcache.kedro needs Kedro: pip install 'flightcache[kedro]' ({e})") from None
+    raise NotInstalledError(
+        f"flightcache.integrations.kedro needs Kedro: pip install 'flightcache[kedro]' ({e})"
+    ) from None
 
 LOAD_AS = ("pandas", "arrow")
 
