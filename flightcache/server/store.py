@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
@@ -109,8 +109,8 @@ def batch_nbytes(batch: pa.RecordBatch) -> int:
     nulls of unions arrives from Flight (its type-ids buffer is absent).
     """
     if any(_has_union(f.type) for f in batch.schema):
-        return batch.get_total_buffer_size()
-    return batch.nbytes
+        return int(batch.get_total_buffer_size())
+    return int(batch.nbytes)
 
 
 def _has_union(t: pa.DataType) -> bool:
@@ -203,7 +203,7 @@ class DatasetInfo:
     expires: float | None = None
     counters: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
@@ -643,17 +643,9 @@ class Store:
     def candidates(self) -> list[tuple[str, int, int, bool]]:
         """(name, version, bytes, persisted) of evictable datasets, least recently used first."""
         with self._lock:
-            held = [e for e in self._entries.values() if e.current is not None and not e.pinned]
-            held.sort(key=lambda e: max(e.last_read or 0.0, e.current.created))  # type: ignore[union-attr]
-            return [
-                (
-                    e.current.name,
-                    e.current.number,
-                    e.current.nbytes,  # type: ignore[union-attr]
-                    e.persisted_version == e.current.number,
-                )
-                for e in held
-            ]  # type: ignore[union-attr]
+            held = [(e, v) for e in self._entries.values() if (v := e.current) is not None and not e.pinned]
+            held.sort(key=lambda ev: max(ev[0].last_read or 0.0, ev[1].created))
+            return [(v.name, v.number, v.nbytes, e.persisted_version == v.number) for e, v in held]
 
     def expired(self) -> list[tuple[str, int, bool]]:
         """(name, version, persisted) of datasets in memory whose TTL has passed."""
@@ -754,7 +746,7 @@ class Store:
                 keep.append(r)
         self._retained = keep
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
             self._expire_retained()
             return {
@@ -986,4 +978,4 @@ class StagedPut:
 
 
 def _show(schema: pa.Schema) -> str:
-    return "  " + schema.to_string(show_schema_metadata=False).replace("\n", "\n  ")
+    return "  " + str(schema.to_string(show_schema_metadata=False)).replace("\n", "\n  ")
