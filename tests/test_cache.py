@@ -29,8 +29,6 @@ from flightcache.server.flight import FlightcacheServer
 from flightcache.server.storage import Storage
 from flightcache.server.store import Store, buffer_sizes
 
-pytestmark = pytest.mark.s3
-
 
 def _serve(
     storage_uri: str | None,

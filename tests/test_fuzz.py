@@ -36,6 +36,8 @@ from flightcache.protocol import ACTIONS, CORE, PutOptions, ReadRequest, Ticket
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.store import Store
 
+pytestmark = pytest.mark.slow  # 1,000+ cases
+
 SENTINEL = "fuzz/sentinel"
 PARQUET = "@parquet"  # stands for the fixture's Parquet file in generated bodies
 FUZZ = settings(
