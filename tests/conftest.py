@@ -38,8 +38,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[FlightcacheServer]:
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(memory_limit=512 * 1024 * 1024))
+def server(request: pytest.FixtureRequest) -> Iterator[FlightcacheServer]:
+    """A server on 127.0.0.1; for a test's shared-memory read path (``both_read_paths``), with --shm on: it
+    fails to start where there is no shared memory, rather than leave a small /dev/shm to "auto"."""
+    callspec = getattr(request.node, "callspec", None)
+    shm = "on" if callspec is not None and callspec.params.get("client") == "shm" else "auto"
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(memory_limit=512 * 1024 * 1024), shm=shm)
     yield srv
     srv.shutdown()
 
