@@ -1,16 +1,29 @@
 # `make demo` and `make test` work on a fresh machine with python3 (>= 3.11) and Java 17:
-# each creates .venv when it is missing and installs the project with the extras it needs.
+# each creates .venv when it is missing and installs the project with every extra, at the versions
+# pinned in requirements.lock (the ones CI tested). After changing dependencies in pyproject.toml,
+# run `make lock` and commit requirements.lock with it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: demo demo-quick test test-fast test-java-conformance lint bench clean
+.PHONY: demo demo-quick test test-fast test-java-conformance lint typecheck lock bench clean
 
-$(STAMP): pyproject.toml
+# Reinstalls when pyproject.toml or the lock changes (tests/test_lock.py fails when pyproject.toml
+# asks for something the lock does not pin).
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[all]'
+	$(PIP) install --quiet -r $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
 	@touch $(STAMP)
+
+# Resolve every extra again, for any platform and Python >= 3.11, to the newest versions allowed.
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m uv --version >/dev/null 2>&1 || $(PIP) install --quiet 'uv>=0.5'
+	$(PY) -m uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 --quiet -o $(LOCK)
 
 # The log pipeline, four Spark stages handing off through flightcache, moto S3 as the cloud.
 demo: $(STAMP)
@@ -22,6 +35,7 @@ demo-quick: $(STAMP)
 
 test: $(STAMP) test-java-conformance
 	$(PY) -m ruff check flightcache tests bench pipelines
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 # docs/protocol.md from the JVM: a plain Arrow Flight Java client and the Flight SQL JDBC driver against a real
@@ -35,6 +49,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check flightcache tests bench pipelines
+	$(PY) -m mypy
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/flight_throughput.py
@@ -46,4 +64,4 @@ bench: $(STAMP)
 	$(PY) bench/report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .flightcache connectors/conformance/target
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .flightcache connectors/conformance/target

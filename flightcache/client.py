@@ -13,16 +13,19 @@ shipped to Spark or multiprocessing workers. Its settings include its credential
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
+import functools
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from pyarrow.flight import FlightCallOptions, FlightClient, FlightInfo  # in Client, `flight` is a property
 
 from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError, UnauthenticatedError
 from .names import validate_name
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
 Progress = Callable[[int, int], None]  # (rows, bytes) just transferred
+T = TypeVar("T")
 
 
 def default_uri() -> str:
@@ -127,7 +131,7 @@ class Client:
         self.__init__(**state)  # type: ignore[misc]
 
     @property
-    def flight(self) -> flight.FlightClient:
+    def flight(self) -> FlightClient:
         """The underlying ``pyarrow.flight.FlightClient`` (re-created after a fork)."""
         if self._conn is None or self._pid != os.getpid():
             self._workers = None  # a forked child has the pool object but none of its threads
@@ -144,7 +148,7 @@ class Client:
             self._conn, self._header, self._pid = conn, header, os.getpid()
         return self._conn
 
-    def _open_session(self, conn: flight.FlightClient, header: _Authorization) -> None:
+    def _open_session(self, conn: FlightClient, header: _Authorization) -> None:
         """Basic auth the Flight way: a handshake answered with a bearer session token for later calls."""
         assert self.username is not None and self.password is not None
         try:
@@ -165,7 +169,7 @@ class Client:
             self._workers = ThreadPoolExecutor(self.parallelism, thread_name_prefix="flightcache-get")
         return self._workers
 
-    def _options(self) -> flight.FlightCallOptions:
+    def _options(self) -> FlightCallOptions:
         return flight.FlightCallOptions(timeout=self.timeout)
 
     def close(self) -> None:
@@ -187,7 +191,7 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.uri!r})"
 
-    def _call(self, fn: Callable[[], Any], retry: bool = True) -> Any:
+    def _call(self, fn: Callable[[], T], retry: bool = True) -> T:
         """``fn()`` with Flight errors as flightcache's. A basic-auth session that ended (it expired, or the
         server restarted) is opened again once and, with ``retry``, the call retried (only for calls that
         can run again from the start); tokens are the caller's to renew."""
@@ -259,7 +263,8 @@ class Client:
                     writer.close()
                 raise
             writer.close()
-            return json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
+            result: dict[str, Any] = json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
+            return result
 
         return self._call(run, retry=rows is not None)  # a Table is streamed afresh by each attempt
 
@@ -293,7 +298,7 @@ class Client:
         filter: str | pc.Expression | None = None,
         version: int | None = None,
         endpoints: int | None = None,
-    ) -> flight.FlightInfo:
+    ) -> FlightInfo:
         """The FlightInfo (schema, rows, endpoints) of a read of ``name``; ``endpoints``: at least that many
         where the dataset has enough batches (the server otherwise splits by size)."""
         validate_name(name)
@@ -375,7 +380,7 @@ class Client:
             return
         info = self.flight_info(name, columns, filter, version)
         for endpoint in info.endpoints:
-            stream = self._call(lambda e=endpoint: self.flight.do_get(e.ticket, self._options()))
+            stream = self._call(functools.partial(self.flight.do_get, endpoint.ticket, self._options()))
             while True:
                 try:
                     chunk = self._call(stream.read_chunk)
@@ -432,6 +437,15 @@ class Client:
         return pl.from_arrow(self.get(name, columns, filter))
 
     # -- catalog ---------------------------------------------------------------------------
+
+    # "list" is the one action whose answer is a JSON array; a Literal overload of str "overlaps" by design.
+    @overload
+    def _action(self, kind: Literal["list"]) -> builtins.list[dict[str, Any]]: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def _action(
+        self, kind: str, request: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]: ...
 
     def _action(
         self,
@@ -528,7 +542,7 @@ class Client:
     def sql(
         self,
         query: str,
-        params: list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
+        params: builtins.list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
         *,
         into: str | None = None,
         mode: str = "overwrite",
@@ -555,7 +569,7 @@ class Client:
     def sql_reader(
         self,
         query: str,
-        params: list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
+        params: builtins.list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
     ) -> Any:
@@ -571,7 +585,7 @@ class Client:
         return SqlReader(stream, self.uri)
 
     @staticmethod
-    def _sql_params(params: Any) -> list[Any] | dict[str, Any] | None:
+    def _sql_params(params: Any) -> builtins.list[Any] | dict[str, Any] | None:
         if params is None or isinstance(params, (list, dict)):
             return params
         if isinstance(params, tuple):
@@ -602,8 +616,10 @@ class _Header(flight.ClientMiddleware):
 def read_ca(ca: str | os.PathLike[str] | bytes | None) -> bytes | None:
     """PEM bytes of a CA certificate given as bytes, PEM text or a file path (read once, here: a
     pickled client then needs no copy of the file)."""
-    if not ca or isinstance(ca, bytes):
-        return ca or None
+    if not ca:
+        return None
+    if isinstance(ca, bytes):
+        return ca
     if isinstance(ca, str) and ca.lstrip().startswith("-----BEGIN"):
         return ca.encode()
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -470,7 +470,7 @@ def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
             f"cannot reach the flightcache server at {uri or 'the given URI'} ({message}); "
             "is it running? start one with 'flightcache serve'"
         )
-    return exc
+    return cast(Exception, exc)  # a FlightError (pyarrow has no types: mypy sees Any)
 
 
 def clean_message(message: str) -> str:

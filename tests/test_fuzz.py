@@ -35,6 +35,8 @@ from flightcache.errors import ERRORS_BY_CODE, DatasetExistsError, DatasetNotFou
 from flightcache.protocol import ACTIONS, CORE, PutOptions, ReadRequest, Ticket
 from flightcache.server.config import ServerConfig, build_server
 
+pytestmark = pytest.mark.slow  # 1,000+ cases
+
 SENTINEL = "fuzz/sentinel"
 PARQUET = "@parquet"  # stands for the fixture's Parquet file in generated bodies
 FUZZ = settings(

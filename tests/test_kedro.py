@@ -15,8 +15,6 @@ import pytest
 
 pytest.importorskip("kedro", reason="the kedro extra is not installed")
 
-from flightcache.auth import Auth
-from flightcache.store import Store
 from kedro.io import DataCatalog
 from kedro.io.core import DatasetError, Version
 from kedro.pipeline import node, pipeline
@@ -24,7 +22,8 @@ from kedro.runner import SequentialRunner
 
 import flightcache
 from flightcache.integrations.kedro import ArrowDataset
-from flightcache.server import FlightcacheServer
+from flightcache.server.auth import Auth
+from flightcache.server.config import ServerConfig, build_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "kedro-write-token-0123456789"
@@ -129,7 +128,7 @@ def test_errors_name_the_dataset(uri: str, tmp_path: Path) -> None:
     credentials = tmp_path / "credentials"
     credentials.write_text(f"{TOKEN}\n")
     credentials.chmod(0o600)
-    secured = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), auth=Auth.from_file(credentials))
+    secured = build_server(ServerConfig(credentials=Auth.from_file(credentials)))
     try:
         secured_uri = f"grpc://127.0.0.1:{secured.port}"
         with pytest.raises(DatasetError, match=r"(?s)ArrowDataset\(name='k/auth'.*(?i:token)"):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
-from conftest import logs_table, run_cli, start_server, stop_server
+from conftest import logs_table, run_cli, start_server, stop_server, wait_until
 
 import flightcache
 from flightcache import flightsql as fsql
@@ -540,7 +540,9 @@ def test_reload_keeps_the_old_credentials_when_the_file_is_bad(credentials: Path
 
 def test_sighup_reloads_the_token_file(tmp_path: Path, credentials: Path) -> None:
     """flightcache serve re-reads --auth-token-file on SIGHUP; a bad file keeps the tokens in force."""
-    proc, uri = start_server("--storage", "none", "--auth-token-file", str(credentials))
+    log_file = tmp_path / "server.log"
+    with log_file.open("w") as err:
+        proc, uri = start_server("--storage", "none", "--auth-token-file", str(credentials), stderr=err)
     try:
         fc = flight.connect(uri)
         fc.list_actions(bearer(WRITE_TOKEN))
@@ -558,7 +560,7 @@ def test_sighup_reloads_the_token_file(tmp_path: Path, credentials: Path) -> Non
         fc.list_actions(bearer(new_token))
         credentials.write_text("not a valid line at all\n")
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        wait_until(lambda: "SIGHUP: keeping the previous credentials" in log_file.read_text(), "the bad file's SIGHUP")
         assert proc.poll() is None
         fc.list_actions(bearer(new_token))
     finally:

@@ -508,6 +508,7 @@ def test_a_task_failing_midway_leaves_the_previous_version(
     """When one task fails after others staged their parts, nothing is published and nothing stays staged."""
     client.put("victim", pa.table({"id": pa.array([-1, -2], pa.int64())}))
     before = server.stats()
+    uri, staged_by_the_others = client.uri, before["puts"] + 2  # a staged part counts as a put
 
     def fail_midway(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -519,7 +520,10 @@ def test_a_task_failing_midway_leaves_the_previous_version(
             # after two batches of 10,000 rows: more than the worker's 64 KiB output buffer, so that
             # this task's writer has started streaming to the server when the task fails
             if last and rows >= 20_000:
-                time.sleep(1.5)  # the other tasks have staged their parts by now
+                with flightcache.connect(uri) as fc:  # fail once the other two tasks have staged their parts
+                    deadline = time.monotonic() + 120
+                    while fc.stats()["puts"] < staged_by_the_others and time.monotonic() < deadline:
+                        time.sleep(0.05)
                 raise RuntimeError("task failed midway")
 
     df = spark.range(0, 90_000, numPartitions=3).mapInArrow(fail_midway, "id long")

@@ -11,8 +11,6 @@ from conftest import MotoS3, every_type_table, logs_table
 from flightcache.errors import StorageError
 from flightcache.server.storage import MANIFEST, Storage, is_transient, read_external, redacted
 
-pytestmark = pytest.mark.s3
-
 
 def _files(storage: Storage, name: str) -> list[str]:
     import pyarrow.fs as pafs

@@ -83,7 +83,7 @@ class RemoteDataset(ds.InMemoryDataset):
         self.client = client
         self.name = name
 
-    def scanner(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def scanner(self, *args: Any, **kwargs: Any) -> Any:
         columns = kwargs.get("columns", args[0] if args else None)
         expression = kwargs.get("filter")
         names = list(columns) if columns is not None else self.schema.names

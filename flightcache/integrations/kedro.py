@@ -36,7 +36,7 @@ except ImportError as e:  # kedro is an optional extra
 LOAD_AS = ("pandas", "arrow")
 
 
-class ArrowDataset(AbstractVersionedDataset):  # not subscripted: Kedro 0.18's is not generic
+class ArrowDataset(AbstractVersionedDataset):  # type: ignore[type-arg]  # not subscripted: Kedro 0.18 is not generic
     """A named dataset on a flightcache server: saves pandas DataFrames and pyarrow Tables (and polars
     DataFrames), loads a pandas DataFrame (``load_as="pandas"``) or a pyarrow Table (``"arrow"``).
 

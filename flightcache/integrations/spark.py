@@ -358,10 +358,11 @@ def _expression(f: Filter, schema: pa.Schema) -> pc.Expression | None:
         return ref.is_valid()
     if pa.types.is_floating(t):
         return None  # Spark orders NaN above every number and NaN = NaN; IEEE comparisons do neither
+    value = getattr(f, "value", None)  # the filters below have one; Filter, their base, does not
     if type(f) in _STRING_TESTS:
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)) or not isinstance(f.value, str):
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)) or not isinstance(value, str):
             return None
-        return _STRING_TESTS[type(f)](ref, pattern=f.value)
+        return _STRING_TESTS[type(f)](ref, pattern=value)
     if isinstance(f, In):
         values = [v for v in f.value if v is not None]
         if not values:
@@ -377,9 +378,9 @@ def _expression(f: Filter, schema: pa.Schema) -> pc.Expression | None:
             return ref.is_null()
         return ref.is_valid() & (ref == _literal(f.value, t))
     compare = _COMPARE.get(type(f))
-    if compare is None or getattr(f, "value", None) is None:
+    if compare is None or value is None:
         return None
-    return compare(ref, _literal(f.value, t))
+    return compare(ref, _literal(value, t))
 
 
 def _column(schema: pa.Schema, path: tuple[str, ...]) -> tuple[pc.Expression, pa.DataType] | None:
@@ -493,7 +494,8 @@ def _shared_batches(client: Client, ticket: bytes) -> list[pa.RecordBatch] | Non
             expression = pc.Expression.from_substrait(t.read_request().substrait_bytes())
         else:
             expression = None
-        return shared.table(t.columns, expression, (t.start, t.end)).to_batches()
+        batches: list[Any] = shared.table(t.columns, expression, (t.start, t.end)).to_batches()
+        return batches
     except pa.ArrowException:
         return None  # the server applies it, and words any error
 

@@ -70,8 +70,8 @@ def batch_nbytes(batch: pa.RecordBatch) -> int:
     nulls of unions arrives from Flight (its type-ids buffer is absent).
     """
     if any(contains(f.type, pa.types.is_union) for f in batch.schema):
-        return batch.get_total_buffer_size()
-    return batch.nbytes
+        return int(batch.get_total_buffer_size())
+    return int(batch.nbytes)
 
 
 def _children(arr: pa.Array) -> list[pa.Array]:

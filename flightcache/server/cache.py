@@ -16,6 +16,7 @@ publish see the same base version. The store's own lock is never held across I/O
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -331,7 +332,7 @@ class Cache:
         future = self._pool.submit(self._persist_current, version.name, version.number)
         with self._guard:
             self._pending[version.name] = future
-        future.add_done_callback(lambda f, n=version.name: self._forget(n, f))
+        future.add_done_callback(functools.partial(self._forget, version.name))
 
     def _forget(self, name: str, future: Future[None]) -> None:
         with self._guard:

@@ -254,7 +254,7 @@ class FlightcacheServer(flight.FlightServerBase):
         if expression is None:  # what will be sent is known: stream the stored batches with no Python per batch
             batches = version.batches[t.start : t.end]
             if t.columns is not None:
-                batches = [b.select(t.columns) for b in batches]
+                batches = tuple(b.select(t.columns) for b in batches)
             served = sum(batch_nbytes(b) for b in batches)
             self._served(t.name, served)
             note(context, rows=sum(b.num_rows for b in batches), bytes=served)

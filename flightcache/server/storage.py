@@ -18,6 +18,8 @@ denied, not found) fail at once. Every failure is a ``StorageError`` naming the 
 
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
 import json
 import logging
@@ -77,7 +79,7 @@ class Manifest:
     files: tuple[dict[str, Any], ...]  # {"path": relative, "rows": n, "size": bytes, "sha256": hex}
     created: float
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:  # builtins: the field `bytes` hides the type here
         return json.dumps(
             {
                 "format": MANIFEST_FORMAT,
@@ -93,7 +95,7 @@ class Manifest:
         ).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, where: str) -> Manifest:
+    def from_json(cls, raw: builtins.bytes, where: str) -> Manifest:
         try:
             d = json.loads(raw)
             if d.get("format") != MANIFEST_FORMAT:
@@ -210,7 +212,7 @@ class Storage:
     def _remove_versions(self, name: str, keep: int | None) -> None:
         for version, path in self._version_dirs(name):
             if version != keep:
-                self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
+                self._retry(f"remove {self.describe(path)}", functools.partial(self.fs.delete_dir, path))
 
     def delete(self, name: str) -> None:
         """Remove every stored version of a dataset."""
@@ -305,13 +307,15 @@ class Storage:
         for m in manifests:
             for version, path in self._version_dirs(m.name):
                 if version != m.version and not self._has_manifest_newer(path, m.version):
-                    self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
+                    self._retry(f"remove {self.describe(path)}", functools.partial(self.fs.delete_dir, path))
                     removed.append(self.describe(path))
         return removed
 
     def _has_manifest_newer(self, path: str, committed: int) -> bool:
         m = _VERSION_DIR.fullmatch(path.rsplit("/", 1)[-1])
-        return bool(m) and int(m.group(1)) > committed and self._get_object(f"{path}/{MANIFEST}", True) is not None
+        if m is None or int(m.group(1)) <= committed:
+            return False
+        return self._get_object(f"{path}/{MANIFEST}", True) is not None
 
     def orphans(self) -> list[str]:
         """Version directories with no manifest anywhere under the root (writes that never finished)."""

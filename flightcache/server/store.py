@@ -126,7 +126,7 @@ class DatasetInfo:
     expires: float | None = None
     counters: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
@@ -669,7 +669,7 @@ class Store:
                 keep.append(r)
         self._retained = keep
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
             self._expire_retained()
             return {
@@ -899,4 +899,4 @@ class StagedPut:
 
 
 def _show(schema: pa.Schema) -> str:
-    return "  " + schema.to_string(show_schema_metadata=False).replace("\n", "\n  ")
+    return "  " + str(schema.to_string(show_schema_metadata=False)).replace("\n", "\n  ")

@@ -63,7 +63,11 @@ class DatabasePool:
         return con
 
     def retire(self, con: duckdb.DuckDBPyConnection) -> None:
-        self._submit(lambda: (con.close(), self._top_up()))
+        def close_and_replace() -> None:
+            con.close()
+            self._top_up()
+
+        self._submit(close_and_replace)
 
     def give_back(self, con: duckdb.DuckDBPyConnection, views: Iterable[str]) -> None:
         """Keep a database that ran only reads, once it holds nothing of them."""
