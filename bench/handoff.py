@@ -310,7 +310,12 @@ class Sides:
         handle = self.put(alt, table, key)
         put_s = time.perf_counter() - started
         after = proc_status("self", "VmHWM", "RssAnon")
-        return {"handle": handle, "put_s": put_s, "producer_peak_extra": after["VmHWM"] - before, "nbytes": table.nbytes}
+        return {
+            "handle": handle,
+            "put_s": put_s,
+            "producer_peak_extra": after["VmHWM"] - before,
+            "nbytes": table.nbytes,
+        }
 
     def consume(self, alt: str, handle: Any, rows: int, column: str | None = None) -> dict[str, Any]:
         gc.collect()

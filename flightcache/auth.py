@@ -58,7 +58,7 @@ DEFAULT_MAX_ACTION_BYTES = 2 * 1024 * 1024  # room for the largest SQL query (1 
 
 # Actions that change what the server holds: they need a write role (so does do_put).
 # pin, unpin and evict decide what stays in memory for every user, so they are writes too.
-WRITE_ACTIONS = frozenset({"drop", "load", "persist", "pin", "unpin", "evict", "commit", "abort", "sql"})
+WRITE_ACTIONS = frozenset({"drop", "load", "persist", "pin", "unpin", "evict", "commit", "abort", "sql", "adopt"})
 
 _TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 

@@ -48,6 +48,9 @@ ACTIONS: dict[str, str] = {
     "commit": 'Publish the parts staged by do_put with {"txn": ID} as one version. '
     'Body: {"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all)}.',
     "abort": 'Discard the parts staged under a transaction. Body: {"txn": ID}.',
+    "adopt": "A same-host put: with no path, answers a file to write in the server's shared memory and its "
+    'nonce; with the written path, publishes that Arrow IPC file (see flightcache.adopt). Body: {"name": NAME, '
+    '"nbytes": BYTES} or {"name": NAME, "path": PATH, "rows": ROWS, "mode": MODE, "persist": ..., "ttl": ...}.',
     "load": "Load external Parquet (file or directory, hive partitions) as a dataset; streams progress. "
     'Body: {"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS}.',
     "persist": 'Persist a dataset now. Body: {"name": NAME, "wait": true}.',

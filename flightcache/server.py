@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from . import __version__
+from .adopt import AdoptRequest, adopt
 from .auth import MIDDLEWARE_KEY as AUTH_KEY
 from .auth import WRITE_ACTIONS, Auth, Limits, require_write, server_options
 from .cache import Cache
@@ -399,6 +400,13 @@ class FlightcacheServer(flight.FlightServerBase):
             result = [i.to_dict() for i in self.store.list()]
         elif kind == "shm":
             result = self._shm(ShmRequest.from_bytes(body))
+        elif kind == "adopt":
+            adopt_request = AdoptRequest.from_bytes(body)
+            note(context, dataset=adopt_request.name, mode=adopt_request.mode, txn=adopt_request.txn)
+            result = adopt(self.cache, self.limits, adopt_request)
+            if "bytes" in result:
+                self._count(puts=1, bytes_received=result["bytes"])
+                note(context, rows=result["rows"], bytes=result["bytes"], version=result.get("version"))
         elif kind == "commit":
             c = CommitRequest.from_bytes(body)
             version = self.cache.commit(

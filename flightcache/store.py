@@ -931,6 +931,17 @@ class StagedPut:
             if self._pending_rows >= rows:
                 self._flush_pending()
 
+    def adopt(self, file: BatchFile, batches: list[pa.RecordBatch]) -> None:
+        """Take ``batches``, held in ``file`` already (written by a same-host client: ``flightcache.adopt``),
+        as this put's, sliced as ``add`` slices them; their bytes are reserved as a put's are."""
+        if self._done or self.batches or self._pending:
+            raise InvalidRequestError(f"put of dataset {self.name!r}: only a fresh put adopts a file")
+        self.files.append(file)
+        rows = self.store.batch_rows
+        for batch in batches:
+            for offset in range(0, batch.num_rows, rows):
+                self._keep(batch.slice(offset, rows))
+
     def _flush_pending(self) -> None:
         if not self._pending:
             return
