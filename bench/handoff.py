@@ -74,6 +74,12 @@ SIZES = (10e6, 100e6, 300e6, 1e9, 2e9)
 QUICK_SIZES = (1e6,)
 BUCKET = "handoff"
 MB = 1e6
+# One node, its metadata in process; no RPC port (the default 9600 would make the two daemons collide; clients
+# here use the IPC socket only). gflags booleans take "=".
+VINEYARDD_FLAGS = ("--meta=local", "--rpc=false")
+# With no --size (unlimited, the default) --reserve_memory=true pre-faults memory without end (measured: 3.8 GB
+# in 32 s and growing): the reserved daemon gets a size that holds the largest table.
+RESERVE_FLAGS = ("--reserve_memory=true", "--size=3Gi")
 
 # -- the table and its scan ---------------------------------------------------------------------
 
@@ -436,7 +442,7 @@ def start_vineyardd(stack: ExitStack, work: Path, name: str, *flags: str) -> tup
     log = open(work / f"{name}.log", "w")  # noqa: SIM115 -- closed by the stack
     stack.callback(log.close)
     proc = subprocess.Popen(
-        [str(binary), f"--socket={socket}", "--meta=local", *flags], stdout=log, stderr=subprocess.STDOUT
+        [str(binary), f"--socket={socket}", *VINEYARDD_FLAGS, *flags], stdout=log, stderr=subprocess.STDOUT
     )
     stack.callback(lambda: (proc.terminate(), proc.wait(timeout=60)))
     deadline = time.monotonic() + 60
@@ -470,9 +476,7 @@ def services(alternatives: list[str], work: Path) -> Iterator[tuple[dict[str, st
             env["VINEYARD_VINEYARD"], pid = start_vineyardd(stack, work, "vineyard-default")
             daemons["vineyard"] = [pid]
         if "vineyard-reserve" in alternatives:
-            env["VINEYARD_VINEYARD_RESERVE"], pid = start_vineyardd(
-                stack, work, "vineyard-reserve", "--reserve_memory=true"
-            )
+            env["VINEYARD_VINEYARD_RESERVE"], pid = start_vineyardd(stack, work, "vineyard-reserve", *RESERVE_FLAGS)
             daemons["vineyard-reserve"] = [pid]
         if "parquet-s3" in alternatives:
             s3 = stack.enter_context(moto_s3(BUCKET))
@@ -656,6 +660,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": skipped,
         "reps": reps,
         "table": "int64, float64, 10-character string (30 bytes per row)",
+        "vineyardd_flags": {"vineyard": VINEYARDD_FLAGS, "vineyard-reserve": VINEYARDD_FLAGS + RESERVE_FLAGS},
         "nbytes": {s: alts["_nbytes"] for s, alts in per_size.items()},
         "results": tables,
         "targets": targets(tables),

@@ -164,8 +164,8 @@ def _hand_out(shm: SharedMemory | None, cache: Cache, limits: Limits, request: A
         limit = cache.store.memory_limit
         if limit is not None and request.nbytes > limit:
             raise MemoryFullError(
-                f"put of dataset {request.name!r} ({format_bytes(request.nbytes)}) is larger than the server's "
-                f"memory limit of {format_bytes(limit)}; nothing was published"
+                f"memory full: put of dataset {request.name!r} ({format_bytes(request.nbytes)}) is larger than the "
+                f"server's memory limit of {format_bytes(limit)}; nothing was published"
             )
     _remove_orphans(shm.dir)
     bits = secrets.token_hex(16)

@@ -30,6 +30,7 @@ from .errors import (
     NotImplementedByServerError,
     ServerUnavailableError,
     UnauthenticatedError,
+    UnauthorizedError,
 )
 from .protocol import (
     AbortRequest,
@@ -291,6 +292,8 @@ class Client:
         except InvalidRequestError:  # a server that predates adoption: unknown action
             self._no_adopt_pid = os.getpid()
             return None
+        except UnauthorizedError:
+            return None  # the streamed put is refused in its own words ("put of dataset ... needs the write role")
         path = ticket.get("path")
         if path is None or not os.path.isdir(os.path.dirname(path)):
             self._no_adopt_pid = os.getpid()  # shared memory off, or another host: stream from now on

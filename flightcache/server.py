@@ -403,7 +403,11 @@ class FlightcacheServer(flight.FlightServerBase):
         elif kind == "adopt":
             adopt_request = AdoptRequest.from_bytes(body)
             note(context, dataset=adopt_request.name, mode=adopt_request.mode, txn=adopt_request.txn)
-            result = adopt(self.cache, self.limits, adopt_request)
+            try:
+                result = adopt(self.cache, self.limits, adopt_request)
+            except BaseException:
+                self._count(puts_aborted=1)  # a same-host put refused, as a streamed one would count
+                raise
             if "bytes" in result:
                 self._count(puts=1, bytes_received=result["bytes"])
                 note(context, rows=result["rows"], bytes=result["bytes"], version=result.get("version"))

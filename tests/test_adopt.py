@@ -223,8 +223,10 @@ def test_a_read_only_token_cannot_adopt(tmp_path: Path) -> None:
     try:
         uri = f"grpc://127.0.0.1:{server.port}"
         with flightcache.connect(uri, token="read-token-0123456789abcdef") as reader:
+            with pytest.raises(UnauthorizedError, match="put of dataset 't/x' needs the write role"):
+                reader.put("t/x", logs_table(10))  # refused a file, then refused the stream
             with pytest.raises(UnauthorizedError, match="action 'adopt' needs the write role"):
-                reader.put("t/x", logs_table(10))
+                ticket(reader)
             with flightcache.connect(uri, token="write-token-0123456789abcdef") as writer:
                 given = ticket(writer)
             write_ipc(given["path"], logs_table(10), given["nonce"])
