@@ -91,10 +91,12 @@ def test_appends_transactions_and_dictionaries(srv: FlightcacheServer, fc: fligh
     assert part["txn"] == "tx1" and part["rows"] == 1000
     fc.commit("tx1", "t/y")
     assert fc.get("t/y").equals(a)
+    fc.put("t/empty", a.slice(0, 0))  # a file of no batches
+    assert fc.get("t/empty").equals(a.slice(0, 0))
     dictionary = pa.table({"d": pa.array(["x", "y", "x"]).dictionary_encode()})
     fc.put("t/d", dictionary)
     assert fc.get("t/d").equals(dictionary)
-    assert streamed(srv) == 1 and int(srv.stats()["puts"]) == 4  # only the dictionary put was streamed
+    assert streamed(srv) == 1 and int(srv.stats()["puts"]) == 5  # only the dictionary put was streamed
     assert all(not f.startswith("in-") for f in files_of(srv))
 
 
