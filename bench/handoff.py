@@ -717,6 +717,34 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def markdown(data: dict[str, Any], detail: str | None = None) -> str:
+    """README tables from a run: total seconds per alternative and size; put/get/scan/memory at ``detail``."""
+    results = data["results"]
+    sizes = list(results)
+    alts = sorted({a for s in results.values() for a in s}, key=ALTERNATIVES.index)
+    head = "| alternative | " + " | ".join(f"{float(s) / MB:,.0f} MB" for s in sizes) + " |"
+    lines = [head, "|---" * (len(sizes) + 1) + "|"]
+    for alt in alts:
+        cells = [f"{results[s][alt]['total_s']:.3g}" if alt in results[s] else "" for s in sizes]
+        lines.append(f"| {alt} | " + " | ".join(cells) + " |")
+    detail = detail or sizes[-1]
+    lines += [
+        "",
+        f"At {float(detail) / MB:,.0f} MB (medians; memory per byte of the table):",
+        "",
+        "| alternative | put s | get s | scan s | total s | producer peak extra | held by the layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for alt in alts:
+        r = results[detail].get(alt)
+        if r:
+            lines.append(
+                f"| {alt} | {r['put_s']:.3g} | {r['get_s']:.3g} | {r['scan_s']:.3g} | {r['total_s']:.3g} | "
+                f"{r['producer_peak_extra_per_byte']:.2f} | {r['held_per_byte']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition, fast alternatives only")
@@ -725,7 +753,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alternatives", nargs="+", choices=ALTERNATIVES)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "handoff.json")
     parser.add_argument("--retarget", action="store_true", help="recompute targets and the PNG of --out; run nothing")
+    parser.add_argument("--markdown", metavar="SIZE", nargs="?", const="", help="print README tables of --out only")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.out.read_text()), args.markdown or None))
+        return 0
     if args.retarget:
         data = json.loads(args.out.read_text())
         data["targets"] = targets(data["results"])
