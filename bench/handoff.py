@@ -17,10 +17,11 @@ scans every column (so zero-copy is not free: the pages are touched). Alternativ
 
 Repetitions alternate (each repetition runs every alternative once, in a rotated order). Reported per
 size and alternative: medians of put, get, scan and total (put + get + scan) seconds; the producer's
-peak extra memory during the put and the memory the hand-off layer holds afterwards (the daemon's
-private memory plus the system's shared memory, /proc/meminfo Shmem, which is where /dev/shm files,
-Ray's and Vineyard's stores live) per byte of the table; and, for every alternative, the types of a
-table of many types that do not come back unchanged.
+peak extra memory during the put and what the hand-off layer holds once the put returned, over what it
+held idle before the first hand-off (its daemons' private memory plus the allocated bytes of the shared-memory
+files they map: flightcache's /dev/shm files, Vineyard's memfd arena, Ray's plasma file; Parquet: none, the
+file is on disk), per byte of the table; and, for every alternative, the types of a table of many types that
+do not come back unchanged.
 
     python bench/handoff.py                 # ~10 MB to ~2 GB, 5 repetitions
     python bench/handoff.py --quick         # tiny sizes, one repetition, fast alternatives only
@@ -175,22 +176,37 @@ def proc_status(pid: int | str, *fields: str) -> dict[str, int]:
     return out
 
 
-def system_shmem() -> int:
-    """Bytes of shared memory in the whole system (tmpfs files such as /dev/shm, memfd, shared mappings)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Shmem:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def reset_peak() -> None:
     """Reset this process's VmHWM to its current RSS (Linux: /proc/self/clear_refs, 5)."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def private_bytes(pids: list[int]) -> int:
-    return sum(proc_status(p, "RssAnon")["RssAnon"] for p in pids)
+def layer_bytes(pids: list[int]) -> int:
+    """What daemons hold: their private resident memory plus the allocated bytes of every shared-memory file
+    (in /dev/shm, or a memfd) they map or hold open, each file once. Arenas (Vineyard's memfd, Ray's plasma
+    file) count with what they keep allocated, in use or not; flightcache's files with what they hold."""
+    total, seen = 0, set()
+    for pid in pids:
+        total += proc_status(pid, "RssAnon")["RssAnon"]
+        for kind in ("map_files", "fd"):
+            try:
+                entries = os.listdir(f"/proc/{pid}/{kind}")
+            except OSError:
+                continue
+            for entry in entries:
+                link = f"/proc/{pid}/{kind}/{entry}"
+                try:
+                    target = os.readlink(link)
+                    if not target.startswith(("/dev/shm/", "/memfd:")):
+                        continue
+                    info = os.stat(link)
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+    return total
 
 
 # -- the alternatives, one side each ------------------------------------------------------------
@@ -510,13 +526,19 @@ def _pids_listening(port: int) -> list[int]:
 
 
 def handoff(
-    alt: str, rows: int, key: str, producer: Any, consumer: Any, daemons: list[int], check: dict[str, Any] | None
+    alt: str,
+    rows: int,
+    key: str,
+    producer: Any,
+    consumer: Any,
+    daemons: list[int],
+    idle: int,
+    check: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """One hand-off: put in the producer, get and scan in the consumer, free it; its figures."""
     gc.collect()
-    shm0, private0 = system_shmem(), private_bytes(daemons)
     made = producer.call("produce", alt, rows, key)
-    held = system_shmem() - shm0 + private_bytes(daemons) - private0
+    held = layer_bytes(daemons) - idle
     used = consumer.call("consume", alt, made["handle"], rows)
     producer.call("remove", alt, made["handle"])
     result = {
@@ -653,6 +675,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reps = args.reps or (1 if args.quick else 5)
     per_size: dict[str, dict[str, Any]] = {}
     types: dict[str, Any] = {}
+    idle: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="handoff-") as tmp, services(alternatives, Path(tmp)) as (env, daemons):
         plain = [a for a in alternatives if a != "ray"]
         workers: dict[str, tuple[Any, Any]] = {}
@@ -668,6 +691,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stack.callback(rp.close)
                 stack.callback(rc.close)
                 workers["ray"] = (rp, rc)
+            idle.update({a: layer_bytes(daemons.get(a, [])) for a in alternatives})  # before any hand-off
             for alt in alternatives:  # types first: a tiny table, a column at a time (a put may refuse one)
                 types[alt] = round_trip(alt, *workers[alt])
             for size in sizes:
@@ -678,7 +702,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     order = alternatives[rep % len(alternatives) :] + alternatives[: rep % len(alternatives)]
                     for alt in order:
                         p, c = workers[alt]
-                        r = handoff(alt, rows, "handoff/t", p, c, daemons.get(alt, []), expected[id(p)])
+                        r = handoff(alt, rows, "handoff/t", p, c, daemons.get(alt, []), idle[alt], expected[id(p)])
                         runs[alt].append(r)
                         progress(
                             f"{size / MB:.0f} MB rep {rep + 1}/{reps} {alt}: put {r['put_s']:.3f} get {r['get_s']:.4f} "
@@ -687,6 +711,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key = str(int(size))
                 per_size[key] = {a: summarize(rs) for a, rs in runs.items()}
                 per_size[key]["_nbytes"] = runs[alternatives[0]][0]["nbytes"]  # type: ignore[assignment]
+                write_json(args.out, document(args, alternatives, skipped, reps, per_size, types, idle))  # partial, so far
+    return document(args, alternatives, skipped, reps, per_size, types, idle)
+
+
+def document(
+    args: argparse.Namespace,
+    alternatives: list[str],
+    skipped: dict[str, str],
+    reps: int,
+    per_size: dict[str, dict[str, Any]],
+    types: dict[str, Any],
+    idle: dict[str, int],
+) -> dict[str, Any]:
+    """The JSON of a run (of the sizes measured so far)."""
     tables = {s: {a: v for a, v in alts.items() if not a.startswith("_")} for s, alts in per_size.items()}
     return {
         "benchmark": "handoff",
@@ -702,6 +740,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": tables,
         "targets": targets(tables),
         "type_differences": types,
+        "idle_layer_bytes": idle,  # held before the first hand-off: a reserved Vineyard holds its --size from the start
     }
 
 
