@@ -711,7 +711,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key = str(int(size))
                 per_size[key] = {a: summarize(rs) for a, rs in runs.items()}
                 per_size[key]["_nbytes"] = runs[alternatives[0]][0]["nbytes"]  # type: ignore[assignment]
-                write_json(args.out, document(args, alternatives, skipped, reps, per_size, types, idle))  # partial, so far
+                write_json(args.out, document(args, alternatives, skipped, reps, per_size, types, idle))  # so far
     return document(args, alternatives, skipped, reps, per_size, types, idle)
 
 
