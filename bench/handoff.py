@@ -541,6 +541,7 @@ def handoff(
     held = layer_bytes(daemons) - idle
     used = consumer.call("consume", alt, made["handle"], rows)
     producer.call("remove", alt, made["handle"])
+    kept = layer_bytes(daemons) - idle  # freed: what the layer still keeps (an arena keeps its pages)
     result = {
         "put_s": made["put_s"],
         "get_s": used["get_s"],
@@ -549,6 +550,7 @@ def handoff(
         "nbytes": made["nbytes"],
         "producer_peak_extra_per_byte": made["producer_peak_extra"] / made["nbytes"],
         "held_per_byte": held / made["nbytes"],
+        "kept_after_free_per_byte": kept / made["nbytes"],
     }
     if check is not None and used["scan"] != check:
         result["mismatch"] = {"expected": check, "got": used["scan"]}
@@ -578,6 +580,7 @@ def round_trip(alt: str, producer: Any, consumer: Any) -> dict[str, str]:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("put_s", "get_s", "scan_s", "total_s", "producer_peak_extra_per_byte", "held_per_byte")
+    keys += ("kept_after_free_per_byte",) if all("kept_after_free_per_byte" in r for r in runs) else ()
     out: dict[str, Any] = {k: round(median([r[k] for r in runs]), 6) for k in keys}
     out["total_s_all"] = [round(r["total_s"], 5) for r in runs]
     out["reps"] = len(runs)
@@ -771,15 +774,16 @@ def markdown(data: dict[str, Any], detail: str | None = None) -> str:
         "",
         f"At {float(detail) / MB:,.0f} MB (medians; memory per byte of the table):",
         "",
-        "| alternative | put s | get s | scan s | total s | producer peak extra | held by the layer |",
-        "|---|---|---|---|---|---|---|",
+        "| alternative | put s | get s | scan s | total s | producer peak extra | held by layer | kept once freed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for alt in alts:
         r = results[detail].get(alt)
         if r:
+            kept = f"{r['kept_after_free_per_byte']:.2f}" if "kept_after_free_per_byte" in r else ""
             lines.append(
                 f"| {alt} | {r['put_s']:.3g} | {r['get_s']:.3g} | {r['scan_s']:.3g} | {r['total_s']:.3g} | "
-                f"{r['producer_peak_extra_per_byte']:.2f} | {r['held_per_byte']:.2f} |"
+                f"{r['producer_peak_extra_per_byte']:.2f} | {r['held_per_byte']:.2f} | {kept} |"
             )
     return "\n".join(lines)
 
