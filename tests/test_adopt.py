@@ -77,7 +77,11 @@ def test_a_same_host_put_is_adopted_and_reads_back_identical(srv: FlightcacheSer
     big = logs_table(200_000)  # several batches: sliced as a put slices them
     fc.put("t/big", big, mode="create")
     assert fc.get("t/big").equals(big) and fc.info("t/big")["rows"] == 200_000
-    assert streamed(srv) == 0 and int(srv.stats()["puts"]) == 2
+    with flightcache.connect(fc.uri, batch_rows=1000) as small:  # batches of its own size: the file's are the version's
+        small.put("t/small", big)
+    shared = fc.shared("t/small")
+    assert shared is not None and len(shared.batches) == 200 and shared.table().equals(big)
+    assert streamed(srv) == 0 and int(srv.stats()["puts"]) == 3
 
 
 def test_appends_transactions_and_dictionaries(srv: FlightcacheServer, fc: flightcache.Client) -> None:
