@@ -36,6 +36,7 @@ import decimal
 import gc
 import inspect
 import json
+import math
 import multiprocessing as mp
 import os
 import subprocess
@@ -80,8 +81,12 @@ MB = 1e6
 # here use the IPC socket only). gflags booleans take "=".
 VINEYARDD_FLAGS = ("--meta=local", "--rpc=false")
 # With no --size (unlimited, the default) --reserve_memory=true pre-faults memory without end (measured: 3.8 GB
-# in 32 s and growing): the reserved daemon gets a size that holds the largest table.
-RESERVE_FLAGS = ("--reserve_memory=true", "--size=3Gi")
+# in 32 s and growing): the reserved daemon gets a size that holds the largest table (1.25x, at least 1 GiB).
+RESERVE_FLAGS = ("--reserve_memory=true",)
+
+
+def reserve_size(largest: float) -> str:
+    return f"--size={max(1024, math.ceil(largest * 1.25 / 2**20))}Mi"
 
 # -- the table and its scan ---------------------------------------------------------------------
 
@@ -471,7 +476,9 @@ def start_vineyardd(stack: ExitStack, work: Path, name: str, *flags: str) -> tup
 
 
 @contextlib.contextmanager
-def services(alternatives: list[str], work: Path) -> Iterator[tuple[dict[str, str], dict[str, list[int]]]]:
+def services(
+    alternatives: list[str], work: Path, largest: float
+) -> Iterator[tuple[dict[str, str], dict[str, list[int]]]]:
     """Start what the alternatives need; yields the workers' environment and each alternative's daemon pids."""
     from common import flightcache_server, moto_s3
 
@@ -493,7 +500,9 @@ def services(alternatives: list[str], work: Path) -> Iterator[tuple[dict[str, st
             env["VINEYARD_VINEYARD"], pid = start_vineyardd(stack, work, "vineyard-default")
             daemons["vineyard"] = [pid]
         if "vineyard-reserve" in alternatives:
-            env["VINEYARD_VINEYARD_RESERVE"], pid = start_vineyardd(stack, work, "vineyard-reserve", *RESERVE_FLAGS)
+            env["VINEYARD_VINEYARD_RESERVE"], pid = start_vineyardd(
+                stack, work, "vineyard-reserve", *RESERVE_FLAGS, reserve_size(largest)
+            )
             daemons["vineyard-reserve"] = [pid]
         if "parquet-s3" in alternatives:
             s3 = stack.enter_context(moto_s3(BUCKET))
@@ -504,6 +513,10 @@ def services(alternatives: list[str], work: Path) -> Iterator[tuple[dict[str, st
             import psutil
             import ray
 
+            # Ray's memory monitor kills the largest worker when the node passes 95% of its memory; on a machine
+            # shared with other jobs that is their memory, not Ray's (it killed our consumer at 100 MB): off, so
+            # that Ray runs under the same rules as every other alternative here.
+            os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             stack.callback(ray.shutdown)
             daemons["ray"] = [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
@@ -679,7 +692,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_size: dict[str, dict[str, Any]] = {}
     types: dict[str, Any] = {}
     idle: dict[str, int] = {}
-    with tempfile.TemporaryDirectory(prefix="handoff-") as tmp, services(alternatives, Path(tmp)) as (env, daemons):
+    with tempfile.TemporaryDirectory(prefix="handoff-") as tmp, services(alternatives, Path(tmp), max(sizes)) as (
+        env,
+        daemons,
+    ):
         plain = [a for a in alternatives if a != "ray"]
         workers: dict[str, tuple[Any, Any]] = {}
         stack = ExitStack()
@@ -738,7 +754,11 @@ def document(
         "skipped": skipped,
         "reps": reps,
         "table": "int64, float64, 10-character string (30 bytes per row)",
-        "vineyardd_flags": {"vineyard": VINEYARDD_FLAGS, "vineyard-reserve": VINEYARDD_FLAGS + RESERVE_FLAGS},
+        "vineyardd_flags": {
+            "vineyard": VINEYARDD_FLAGS,
+            "vineyard-reserve": (*VINEYARDD_FLAGS, *RESERVE_FLAGS, reserve_size(max(map(float, per_size), default=1))),
+        },
+        "ray_env": {"RAY_memory_monitor_refresh_ms": "0"},
         "nbytes": {s: alts["_nbytes"] for s, alts in per_size.items()},
         "results": tables,
         "targets": targets(tables),
