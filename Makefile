@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) bench/pipeline.py --modes all
 	$(PY) bench/load.py
 	$(PY) bench/spark_read.py
+	$(PY) bench/handoff.py
 	$(PY) bench/report.py
 
 clean:

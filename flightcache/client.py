@@ -27,11 +27,19 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pyarrow.flight import FlightCallOptions, FlightClient, FlightInfo  # in Client, `flight` is a property
 
-from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError, UnauthenticatedError
+from .errors import (
+    InvalidRequestError,
+    MemoryFullError,
+    NotImplementedByServerError,
+    ServerUnavailableError,
+    UnauthenticatedError,
+    UnauthorizedError,
+)
 from .names import validate_name
 from .protocol import (
     ACTIONS,
     AbortRequest,
+    AdoptRequest,
     CommitRequest,
     EndOfStream,
     LoadRequest,
@@ -111,6 +119,7 @@ class Client:
         self._pid = -1
         self._workers: ThreadPoolExecutor | None = None  # kept: fresh threads per get page-fault their memory in again
         self._no_shm_pid = -1  # the process in which shared memory proved unreachable
+        self._no_adopt_pid = -1  # the process in which puts proved unable to write the server's shared memory
 
     # -- connection, pickling --------------------------------------------------------------
 
@@ -220,6 +229,7 @@ class Client:
         ttl: float | None = None,
         txn: str | None = None,
         progress: Progress | None = None,
+        shm: bool | None = None,
     ) -> dict[str, Any]:
         """Store ``data`` as dataset ``name``; returns {name, version, rows, bytes}.
 
@@ -231,11 +241,19 @@ class Client:
         in the background); default: the server's. ``ttl``: seconds in memory before the dataset is
         evicted (if persisted) or dropped (if memory-only). With ``txn``, the data is staged as one
         part of that transaction instead ({txn, part, rows, bytes} is returned) and becomes visible
-        with the others at ``commit``.
+        with the others at ``commit``. ``shm`` (default: the client's): on the server's host, a table
+        is written straight into the server's shared memory and handed over (``flightcache.adopt``)
+        instead of streamed; elsewhere, or for a stream or dictionary columns, it is streamed.
         """
         validate_name(name)
         source = _as_arrow(data)
         rows = source.num_rows if isinstance(source, pa.Table) else None
+        if isinstance(source, pa.Table) and (self.shm if shm is None else shm):
+            adopted = self._put_adopted(name, source, mode, persist=persist, ttl=ttl, txn=txn)
+            if adopted is not None:
+                if progress is not None:
+                    progress(source.num_rows, source.nbytes)
+                return adopted
         options = PutOptions(mode=mode, expect_rows=rows, txn=txn, persist=persist, ttl=ttl, trailer=True)
         if rows is None and self.username is not None:
             # A one-shot stream cannot be sent again if its session turns out to have ended mid-put:
@@ -267,6 +285,49 @@ class Client:
             return result
 
         return self._call(run, retry=rows is not None)  # a Table is streamed afresh by each attempt
+
+    def _put_adopted(
+        self, name: str, table: pa.Table, mode: str, *, persist: str | None, ttl: float | None, txn: str | None
+    ) -> dict[str, Any] | None:
+        """Put ``table`` by writing it into the server's shared memory (same host); None: stream it instead."""
+        from .arrowtypes import schema_contains
+        from .shm import NONCE_KEY
+
+        if self._no_adopt_pid == os.getpid() or schema_contains(table.schema, pa.types.is_dictionary):
+            return None
+        try:
+            ticket = self._action("adopt", AdoptRequest(name, nbytes=table.nbytes))
+        except InvalidRequestError:  # a server that predates adoption: unknown action
+            self._no_adopt_pid = os.getpid()
+            return None
+        except UnauthorizedError:
+            return None  # the streamed put is refused in its own words ("put of dataset ... needs the write role")
+        path = ticket.get("path")
+        if path is None or not os.path.isdir(os.path.dirname(path)):
+            self._no_adopt_pid = os.getpid()  # shared memory off, or another host: stream from now on
+            return None
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        except OSError:  # not the server's user (its directory is not ours to write)
+            self._no_adopt_pid = os.getpid()
+            return None
+        try:
+            try:  # the file exists with its mode (in a directory only the server's user writes): Arrow opens it
+                with pa.OSFile(path, "w") as sink, pa.ipc.new_file(
+                    sink, table.schema, metadata={NONCE_KEY: ticket["nonce"].encode()}
+                ) as writer:
+                    for batch in table.to_batches(max_chunksize=self.batch_rows):
+                        writer.write_batch(batch)
+            except OSError as e:
+                raise MemoryFullError(
+                    f"put of dataset {name!r}: cannot write to the server's shared memory {path} ({e}); "
+                    "free space in /dev/shm, or put with shm=False"
+                ) from e
+            request = AdoptRequest(name, path=path, rows=table.num_rows, mode=mode, txn=txn, persist=persist, ttl=ttl)
+            return self._action("adopt", request)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # adopted files have another name by now: this removes only a refused one
 
     def commit(
         self,

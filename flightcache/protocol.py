@@ -270,6 +270,32 @@ class AbortRequest(_Message):
 
 
 @dataclass(frozen=True)
+class AdoptRequest(_Message):
+    """The ``adopt`` action: without ``path``, ask for a file to write; with it, hand the written file over."""
+
+    name: str
+    path: str | None = None
+    nbytes: int | None = None  # the size the client is about to write (checked before it writes)
+    rows: int | None = None  # the rows the client wrote (checked)
+    mode: str = "overwrite"
+    txn: str | None = None
+    persist: str | None = None
+    ttl: float | None = None
+
+    _types = {
+        "name": (str,),
+        "path": (str,),
+        "nbytes": (int,),
+        "rows": (int,),
+        "mode": (str,),
+        "txn": (str,),
+        "persist": (str,),
+        "ttl": (int, float),
+    }
+    _what = "adopt request"
+
+
+@dataclass(frozen=True)
 class NameRequest(_Message):
     """The body of a one-dataset action: ``{"name": NAME}``, or the bare UTF-8 name."""
 
@@ -344,6 +370,8 @@ _BODIES = {
     "load": '{"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS}',
     "persist": '{"name": NAME, "wait": true}',
     "shm": '{"name": NAME, "version": N (default: the current one)}',
+    "adopt": '{"name": NAME, "nbytes": BYTES} or {"name": NAME, "path": PATH, "rows": ROWS, "mode": MODE, '
+    '"txn": ID, "persist": MODE, "ttl": SECONDS}',
     "sql": '{"query": SQL, "into": NAME, "params": [...], "mode": MODE, "persist": none|sync|async, '
     '"ttl": SECONDS, "timeout": SECONDS}',
     "CreatePreparedStatement": "ActionCreatePreparedStatementRequest (Flight SQL)",
@@ -381,6 +409,14 @@ ACTIONS: dict[str, Action] = {
                '{"name", "version", "bytes"}', WRITE),
         Action("shm", "Where a version's batches are in shared memory, for a client on the same host.", ShmRequest,
                '{"name", "version", "rows", "batches", "schema", "files": [{"path", "nonce"}] or null}'),
+        Action(
+            "adopt",
+            "A same-host put: without a path, answers a file to write in the server's shared memory and its nonce; "
+            "with the written path, publishes that Arrow IPC file (see flightcache.server.adopt).",
+            AdoptRequest,
+            '{"path", "nonce"} for a file to write, then ' + _SUMMARY + " (or a staged part's)",
+            WRITE,
+        ),
         Action("sql", "Run a query and store its result as a dataset.", None, _SUMMARY, WRITE, SQL),
         Action("CreatePreparedStatement", "Flight SQL: prepare a query.", None,
                "ActionCreatePreparedStatementResult", READ, SQL),

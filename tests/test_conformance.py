@@ -45,7 +45,7 @@ CODES = {
     "INTERNAL",
 }
 ACTIONS = {"drop", "info", "list", "stats", "healthcheck", "commit", "abort", "load", "persist", "pin", "unpin"}
-ACTIONS |= {"evict", "shm", "sql", "CreatePreparedStatement", "ClosePreparedStatement", "CancelFlightInfo"}
+ACTIONS |= {"evict", "shm", "adopt", "sql", "CreatePreparedStatement", "ClosePreparedStatement", "CancelFlightInfo"}
 ACTIONS |= {"CancelQuery"}
 
 

@@ -308,6 +308,10 @@ body_fields: dict[str, st.SearchStrategy[Any]] = {
     "params": json_values,
     "into": names,
     "timeout": json_values,
+    "nbytes": json_values,
+    "rows": json_values,
+    # adopt: paths outside the server's shared-memory directory must be refused and left alone
+    "path": st.sampled_from(["/etc/passwd", "/dev/shm", f"/dev/shm/in-{'0' * 32}.arrow", ""]) | st.text(max_size=20),
 }
 ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "drop": {"name": "fuzz/a"},
@@ -324,6 +328,7 @@ ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "commit": {"txn": "t1", "name": "fuzz/a"},
     "abort": {"txn": "t1"},
     "sql": {"query": f'SELECT * FROM "{SENTINEL}"', "into": "fuzz/q"},
+    "adopt": {"name": "fuzz/a", "nbytes": 100},
 }
 assert set(ACTION_BASES) == {name for name, a in ACTIONS.items() if a.service == CORE} | {"sql"}
 actions = st.one_of(

@@ -146,6 +146,19 @@ def _action(kind: str, body: bytes | dict[str, object] | str = b"") -> Callable[
     return lambda c, o, s: list(c.do_action(flight.Action(kind, raw), o))
 
 
+def _adopt(c: flight.FlightClient, o: flight.FlightCallOptions) -> object:
+    """A same-host put by adoption: ask for a file, write it, hand it over (flightcache.server.adopt)."""
+    (answer,) = c.do_action(flight.Action("adopt", json.dumps({"name": "t/adopted"}).encode()), o)
+    given = json.loads(answer.body.to_pybytes())
+    table = logs_table(10)
+    with pa.OSFile(given["path"], "w") as sink, pa.ipc.new_file(
+        sink, table.schema, metadata={b"flightcache.nonce": given["nonce"].encode()}
+    ) as writer:
+        writer.write_table(table)
+    body = json.dumps({"name": "t/adopted", "path": given["path"]}).encode()
+    return list(c.do_action(flight.Action("adopt", body), o))
+
+
 def _info(descriptor: flight.FlightDescriptor) -> Callable[..., object]:
     return lambda c, o, s: c.get_flight_info(descriptor, o)
 
@@ -258,6 +271,7 @@ WRITES: dict[str, Callable[..., object]] = {
     "action_commit": _action("commit", {"txn": "txn1", "name": "t/c"}),
     "action_abort": _action("abort", {"txn": "txn1"}),
     "action_sql_into": _action("sql", {"query": 'SELECT * FROM "t/a" LIMIT 3', "into": "t/q"}),
+    "action_adopt": lambda c, o, s: _adopt(c, o),
 }
 EVERY_CALL = {**READS, **WRITES, "do_exchange": _exchange}  # GetSchema: see test_rpcs_not_served_...
 

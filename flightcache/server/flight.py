@@ -28,6 +28,7 @@ from ..protocol import (
     SQL,
     WRITE,
     AbortRequest,
+    AdoptRequest,
     CommitRequest,
     EndOfStream,
     LoadRequest,
@@ -41,6 +42,7 @@ from ..protocol import (
     encode_schema,
     error_to_flight,
 )
+from .adopt import adopt
 from .arrays import batch_nbytes
 from .auth import MIDDLEWARE_KEY as AUTH_KEY
 from .auth import Auth, Limits, require_write, server_options
@@ -428,6 +430,18 @@ class FlightcacheServer(flight.FlightServerBase):
 
     def _do_shm(self, context: flight.ServerCallContext, request: ShmRequest) -> dict[str, Any]:
         return self._shm(request)
+
+    def _do_adopt(self, context: flight.ServerCallContext, request: AdoptRequest) -> dict[str, Any]:
+        note(context, dataset=request.name, mode=request.mode, txn=request.txn)
+        try:
+            result = adopt(self.cache, self.limits, request)
+        except BaseException:
+            self._count(puts_aborted=1)  # a same-host put refused, as a streamed one would count
+            raise
+        if "bytes" in result:
+            self._count(puts=1, bytes_received=result["bytes"])
+            note(context, rows=result["rows"], bytes=result["bytes"], version=result.get("version"))
+        return result
 
     def _do_commit(self, context: flight.ServerCallContext, c: CommitRequest) -> dict[str, Any]:
         version = self.cache.commit(

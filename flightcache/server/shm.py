@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from ..arrowtypes import schema_contains
 from ..errors import InvalidRequestError, MemoryFullError
 from ..units import format_bytes
-from .arrays import schema_contains
 
 if TYPE_CHECKING:
     pass  # loaded where a filter is used: ~8 MiB an idle server does without

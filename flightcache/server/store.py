@@ -821,6 +821,20 @@ class StagedPut:
             if self._pending_rows >= rows:
                 self.flush()
 
+    def adopt(self, file: BatchFile, batches: list[pa.RecordBatch], sizes: dict[int, int]) -> None:
+        """Take ``batches`` (their buffers ``sizes``), held in ``file`` already (written by a same-host client:
+        ``flightcache.server.adopt``), as this put's, unsliced: readers of the file see the same batches. Their bytes
+        are reserved as a put's are, in one go."""
+        if self._done or self.batches or self._pending:
+            raise InvalidRequestError(f"put of dataset {self.name!r}: only a fresh put adopts a file")
+        self.files.append(file)
+        added = sum(sizes.values())
+        self.store._reserve(self.name, added)
+        self._seen.update(sizes)
+        self.nbytes += added
+        self.num_rows += sum(b.num_rows for b in batches)
+        self.batches.extend(batches)
+
     def flush(self) -> None:
         if not self._pending:
             return

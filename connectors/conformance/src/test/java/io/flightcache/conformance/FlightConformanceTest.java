@@ -187,7 +187,7 @@ class FlightConformanceTest {
       names.add(a.getType());
     }
     assertTrue(names.containsAll(Set.of("drop", "info", "list", "stats", "healthcheck", "commit", "abort", "load",
-        "persist", "pin", "unpin", "evict", "shm", "sql")), names.toString());
+        "persist", "pin", "unpin", "evict", "shm", "adopt", "sql")), names.toString());
   }
 
   @Test
