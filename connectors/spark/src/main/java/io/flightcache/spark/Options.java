@@ -79,9 +79,10 @@ public final class Options implements Serializable {
       throw invalid(
           "unknown option(s) " + unknown + " for format '" + FORMAT + "'; the options are " + String.join(", ", KEYS));
     }
-    String name = blankToNull(o.get("path"));
+    // A catalog table's options carry a "path" of its own (the warehouse location): "dataset" comes first.
+    String name = blankToNull(o.get("dataset"));
     if (name == null) {
-      name = blankToNull(o.get("dataset"));
+      name = blankToNull(o.get("path"));
     }
     if (name == null) {
       throw invalid(
