@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 $(JAR): $(STAMP) connectors/spark/pom.xml $(shell find connectors/spark/src/main -type f)
-	$(MVN) package -DskipTests
+	$(MVN) package -Dmaven.test.skip=true
 	@mkdir -p $(dir $(JAR))
-	cp connectors/spark/target/flightcache-spark.jar $(JAR)
+	cp connectors/spark/target/flightcache-spark.jar $(JAR).tmp && mv $(JAR).tmp $(JAR)  # a new file: running JVMs keep theirs
 
 jar: $(JAR)
 

@@ -9,6 +9,11 @@ public final class Allocators {
 
   private Allocators() {}
 
+  /** Bytes held by every reader, writer and call of this JVM now: 0 when nothing leaks. */
+  public static long allocatedMemory() {
+    return ROOT.getAllocatedMemory();
+  }
+
   public static BufferAllocator child(String name) {
     return ROOT.newChildAllocator(name, 0, Long.MAX_VALUE);
   }
