@@ -121,6 +121,7 @@ def main() -> int:
 
     arrow_bytes = parse_bytes(args.size)
     result = summarize(samples, args, rows, endpoints, arrow_bytes)
+    result["parameters"]["reps_done"] = args.reps
     write_json(out / "spark_connector.json", result)
     plot(result, out / "spark_connector.png")
     progress(f"wrote {out / 'spark_connector.json'}: {result['targets']}")
