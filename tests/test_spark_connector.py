@@ -233,6 +233,21 @@ def test_a_read_is_pinned_to_the_version_of_its_planning(spark: SparkSession, cl
     assert [r.x for r in _read(spark, client.uri, "pinned").collect()] == [7]
 
 
+def test_a_read_stopped_early_releases_its_stream(spark: SparkSession) -> None:
+    """LIMIT stops a partition's stream midway: the reader cancels it and frees its memory (the task would fail)."""
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    try:
+        uri = f"grpc://127.0.0.1:{srv.port}"
+        with flightcache.connect(uri) as c:
+            c.put("many", logs_table(50_000))
+        df = _read(spark, uri, "many", partitions="1")
+        assert len(df.limit(3).collect()) == 3
+        assert len(df.limit(1500).collect()) == 1500
+        assert df.count() == 50_000
+    finally:
+        srv.shutdown()
+
+
 def test_partitions_and_preferred_locations_follow_the_endpoints(spark: SparkSession) -> None:
     """One partition per endpoint, preferring its location's host (host only); no location: the uri's host."""
     srv = RecordingServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000), endpoint_host="localhost")
