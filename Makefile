@@ -9,7 +9,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo demo-quick test test-fast test-java-conformance lint typecheck lock bench clean
+.PHONY: demo demo-quick test test-fast test-java test-java-conformance lint typecheck lock bench clean jar
+
+# The JVM Spark connector, compiled against the jars of the installed pyspark and placed in the package
+# (flightcache/jars/, package data), where flightcache.integrations.spark_jvm.jar_path() finds it.
+JAR := flightcache/jars/flightcache-spark.jar
+PYSPARK_JARS = $(shell $(PY) -c "import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), 'jars'))")
+MVN := mvn -q -B -f connectors/spark/pom.xml -Dpyspark.jars=$(PYSPARK_JARS) -Dflightcache.python=$(abspath $(PY))
 
 # Reinstalls when pyproject.toml or the lock changes (tests/test_lock.py fails when pyproject.toml
 # asks for something the lock does not pin).
@@ -25,18 +31,29 @@ lock:
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PIP) install --quiet 'uv>=0.5'
 	$(PY) -m uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 --quiet -o $(LOCK)
 
+$(JAR): $(STAMP) connectors/spark/pom.xml $(shell find connectors/spark/src/main -type f)
+	$(MVN) package -Dmaven.test.skip=true
+	@mkdir -p $(dir $(JAR))
+	cp connectors/spark/target/flightcache-spark.jar $(JAR).tmp && mv $(JAR).tmp $(JAR)  # a new file: running JVMs keep theirs
+
+jar: $(JAR)
+
 # The log pipeline, four Spark stages handing off through flightcache, moto S3 as the cloud.
-demo: $(STAMP)
+demo: $(STAMP) $(JAR)
 	$(PY) pipelines/logs.py run --handoff flightcache --rows 1000000
 
 # Two plain-Python stages through a server: no Spark, a few seconds.
 demo-quick: $(STAMP)
 	$(PY) pipelines/two_stage.py
 
-test: $(STAMP) test-java-conformance
+test: $(STAMP) $(JAR) test-java-conformance
 	$(PY) -m ruff check flightcache tests bench pipelines
 	$(PY) -m mypy
+	$(MVN) test
 	$(PY) -m pytest
+
+test-java: $(STAMP) $(JAR)
+	$(MVN) test
 
 # docs/protocol.md from the JVM: a plain Arrow Flight Java client and the Flight SQL JDBC driver against a real
 # `flightcache serve` of this venv. Dependencies come from Maven Central (MVN_FLAGS=-o once they are cached).
@@ -54,7 +71,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-bench: $(STAMP)
+bench: $(STAMP) $(JAR)
 	$(PY) bench/flight_throughput.py
 	$(PY) bench/storage.py
 	$(PY) bench/sql.py
@@ -62,7 +79,8 @@ bench: $(STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/spark_read.py
 	$(PY) bench/handoff.py
+	$(PY) bench/spark_connector.py
 	$(PY) bench/report.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .flightcache connectors/conformance/target
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .flightcache connectors/conformance/target connectors/spark/target $(JAR)

@@ -55,7 +55,8 @@ def main() -> int:
 
         def read(shm: bool) -> float:
             started = time.perf_counter()
-            df = spark.read.format("flightcache").option("uri", server.uri).option("shm", str(shm).lower())
+            df = spark.read.format("flightcache-python")  # the Python source: it maps shared memory
+            df = df.option("uri", server.uri).option("shm", str(shm).lower())
             df.load(NAME).write.format("noop").mode("overwrite").save()
             return time.perf_counter() - started
 

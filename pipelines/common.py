@@ -51,7 +51,7 @@ class Handoff:
         """Hand ``df`` off as ``name`` (replacing an earlier run's)."""
         if self.mode == "flightcache":
             (
-                df.write.format("flightcache")
+                df.write.format(cache_format())
                 .option("uri", self.cache_uri)
                 .option("persist", self.persist)
                 .mode("overwrite")
@@ -85,7 +85,7 @@ class Handoff:
     def read(self, spark: Any, name: str) -> Any:
         """The DataFrame an earlier stage handed off as ``name``."""
         if self.mode == "flightcache":
-            return spark.read.format("flightcache").option("uri", self.cache_uri).load(name)
+            return spark.read.format(cache_format()).option("uri", self.cache_uri).load(name)
         if self.mode == "s3":
             return spark.read.format("arrow-parquet").load(f"{self.s3_prefix}/handoff/{name}")
         if self.mode == "local":
@@ -93,16 +93,29 @@ class Handoff:
         raise ValueError(f"unknown hand-off {self.mode!r}: use one of {HANDOFFS}")
 
 
+def cache_format() -> str:
+    """The JVM connector's format when its jar is built (spark_session adds it), else the Python data source's."""
+    import flightcache.integrations.spark_jvm
+
+    jvm = flightcache.integrations.spark_jvm
+    return jvm.FORMAT if jvm.available() else "flightcache-python"
+
+
 def spark_session(app: str, cores: int = 2) -> Any:
-    """A local Spark application whose Python workers run this interpreter, with flightcache registered."""
+    """A local Spark application whose Python workers run this interpreter, with flightcache registered:
+    format("flightcache") is the JVM connector when its jar is built, else the Python data source."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     import flightcache.integrations.spark
+    import flightcache.integrations.spark_jvm
 
+    builder = SparkSession.builder
+    if flightcache.integrations.spark_jvm.available():
+        builder = flightcache.integrations.spark_jvm.configure(builder)
     spark = (
-        SparkSession.builder.master(f"local[{cores}]")
+        builder.master(f"local[{cores}]")
         .appName(app)
         .config("spark.ui.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")

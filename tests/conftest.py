@@ -302,7 +302,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[object]:
-    """One local Spark session for the whole run, with the flightcache format registered."""
+    """One local Spark session for the whole run: format("flightcache") is the JVM connector (its jar, when
+    built), format("flightcache-python") the Python data source."""
     with pytest.MonkeyPatch.context() as mp:
         # Spark's Python workers must run this interpreter, which has flightcache installed.
         mp.setenv("PYSPARK_PYTHON", sys.executable)
@@ -310,9 +311,13 @@ def spark() -> Iterator[object]:
         from pyspark.sql import SparkSession
 
         import flightcache.integrations.spark
+        import flightcache.integrations.spark_jvm
 
+        builder = SparkSession.builder
+        if flightcache.integrations.spark_jvm.available():
+            builder = flightcache.integrations.spark_jvm.configure(builder)
         session = (
-            SparkSession.builder.master("local[2]")
+            builder.master("local[2]")
             .appName("flightcache-tests")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.sql.shuffle.partitions", "2")

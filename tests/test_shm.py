@@ -319,7 +319,9 @@ def test_spark_reader_maps_partitions(spark: object, fc: flightcache.Client) -> 
     """Spark's Python workers map their endpoint's batches; option shm=false streams; both equal."""
     table = logs_table(40_000)
     fc.put("logs/raw", table)
-    reader = spark.read.format("flightcache").option("uri", fc.uri)  # type: ignore[attr-defined]
+    from flightcache.integrations.spark import FORMAT  # the Python data source: it maps shared memory
+
+    reader = spark.read.format(FORMAT).option("uri", fc.uri)  # type: ignore[attr-defined]
     before = shm_reads(fc)
     mapped = reader.option("filter", "status >= 500").load("logs/raw").toArrow()
     assert shm_reads(fc) > before

@@ -86,11 +86,11 @@ def _uri(server: FlightcacheServer) -> str:
 
 
 def _read(spark: SparkSession, uri: str, name: str, **options: str) -> DataFrame:
-    return spark.read.format("flightcache").option("uri", uri).options(**options).load(name)
+    return spark.read.format(fs.FORMAT).option("uri", uri).options(**options).load(name)
 
 
 def _write(df: DataFrame, uri: str, name: str, mode: str = "overwrite", **options: str) -> None:
-    df.write.format("flightcache").option("uri", uri).options(**options).mode(mode).save(name)
+    df.write.format(fs.FORMAT).option("uri", uri).options(**options).mode(mode).save(name)
 
 
 def _settled(server: FlightcacheServer, timeout: float = 15) -> dict[str, Any]:
@@ -379,7 +379,7 @@ def test_columns_schema_and_filter_options_are_applied_by_the_server(
     assert df.where("method = 'GET'").count() + df.where("method <> 'GET'").count() == df.count() == len(rows)
     recording.take_tickets()
 
-    narrow = spark.read.format("flightcache").schema("bytes BIGINT, status INT").option("uri", uri).load("logs")
+    narrow = spark.read.format(fs.FORMAT).schema("bytes BIGINT, status INT").option("uri", uri).load("logs")
     assert narrow.toArrow().equals(table.select(["bytes", "status"]))
     assert {tuple(t.columns or ()) for t in recording.take_tickets()} == {("bytes", "status")}
 
@@ -450,7 +450,7 @@ def test_uri_defaults_to_flightcache_uri_of_the_driver(
     monkeypatch.setenv("FLIGHTCACHE_URI", client.uri)
     try:
         fs.register(spark)
-        assert spark.read.format("flightcache").load("logs").count() == 10
+        assert spark.read.format(fs.FORMAT).load("logs").count() == 10
     finally:
         spark.sparkContext.environment.pop("FLIGHTCACHE_URI", None)
         monkeypatch.delenv("FLIGHTCACHE_URI")

@@ -1,9 +1,12 @@
-"""The ``flightcache`` format for Spark 4: read and write cached datasets with the Python Data Source API.
+"""The ``flightcache-python`` format for Spark 4: read and write cached datasets with the Python Data Source API.
+
+The fallback for a PySpark session without the JVM connector's jar (``flightcache.integrations.spark_jvm``), which
+is ``format("flightcache")``; the two names never collide.
 
     import flightcache.integrations.spark
     flightcache.integrations.spark.register(spark)
-    logs = spark.read.format("flightcache").option("uri", "grpc://cache:8815").load("logs/raw")
-    logs.where("status >= 500").write.format("flightcache").mode("overwrite").save("logs/errors")
+    logs = spark.read.format("flightcache-python").option("uri", "grpc://cache:8815").load("logs/raw")
+    logs.where("status >= 500").write.format("flightcache-python").mode("overwrite").save("logs/errors")
 
 Reading: the schema comes from the server; each Flight endpoint of the dataset becomes one Spark
 partition, whose record batches go from ``do_get`` to Spark as they arrive. The options ``columns``
@@ -98,7 +101,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT", "FlightcacheDataSource", "arrow_schema", "register", "spark_schema"]
 
-FORMAT = "flightcache"
+FORMAT = "flightcache-python"  # format("flightcache") is the JVM connector (flightcache.integrations.spark_jvm)
 PUSHDOWN_CONF = "spark.sql.python.filterPushdown.enabled"
 IF_EXISTS = ("error", "ignore")
 # Spark redacts the values of options named like "token" in plans and its UI (spark.redaction.regex).
@@ -121,7 +124,7 @@ PERSIST = ("none", "sync", "async")
 
 
 def register(spark: SparkSession) -> None:
-    """Make ``format("flightcache")`` available in ``spark``; calling it again is harmless.
+    """Make ``format("flightcache-python")`` available in ``spark``; calling it again is harmless.
 
     The driver's ``FLIGHTCACHE_URI``, ``FLIGHTCACHE_TOKEN`` and ``FLIGHTCACHE_TLS_CA``, if set, become
     the defaults of the ``uri``, ``token`` and ``tls_ca`` options: Spark's Python workers do not see
@@ -418,7 +421,7 @@ def _servable(expression: pc.Expression, schema: pa.Schema) -> bool:
 
 
 class FlightcacheDataSource(DataSource):
-    """``spark.read/write.format("flightcache")``; options: see ``OPTIONS`` and the README."""
+    """``spark.read/write.format("flightcache-python")``; options: see ``OPTIONS`` and the README."""
 
     @classmethod
     def name(cls) -> str:
