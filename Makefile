@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-# Resolve every extra again, for any platform and Python >= 3.11, to the newest versions allowed.
+# Resolve the "all" extra again (every extra but kedro-vineyard, a side venv of bench/kedro.py), for any
+# platform and Python >= 3.11, to the newest versions allowed.
 lock:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PIP) install --quiet 'uv>=0.5'
-	$(PY) -m uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 --quiet -o $(LOCK)
+	$(PY) -m uv pip compile pyproject.toml --extra all --universal --python-version 3.11 --quiet -o $(LOCK)
 
 $(JAR): $(STAMP) connectors/spark/pom.xml $(shell find connectors/spark/src/main -type f)
 	$(MVN) package -Dmaven.test.skip=true

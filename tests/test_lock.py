@@ -23,10 +23,12 @@ def _pins() -> dict[str, list[Version]]:
 
 
 def test_the_lock_pins_every_dependency_of_every_extra() -> None:
-    """Each requirement of the project and of each extra is pinned, at a version its specifier allows."""
+    """Each requirement of the project and of each extra in "all" is pinned, at a version its specifier allows."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in project["dependencies"]]
-    requirements += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    extras = project["optional-dependencies"]
+    # kedro-vineyard is bench/kedro.py's side venv (Kedro 0.18, which the kedro extra excludes): not locked
+    requirements += [Requirement(r) for name, extra in extras.items() if name != "kedro-vineyard" for r in extra]
     pins = _pins()
     missing, outside = [], []
     for r in requirements:
