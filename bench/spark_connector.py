@@ -53,10 +53,9 @@ def main() -> int:
     if args.quick:
         args.size, args.reps = "32MB", 2
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else HERE.parent / "bench_results")
-    from flightcache.store import parse_bytes
-
     import flightcache
     import flightcache.integrations.spark_jvm
+    from flightcache.units import parse_bytes
 
     flightcache.integrations.spark_jvm.jar_path()  # fails with the build command if the jar is missing
     table = make_table(parse_bytes(args.size))

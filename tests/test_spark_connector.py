@@ -5,6 +5,7 @@ A real server per test and one real local Spark session (conftest) with the conn
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import time
@@ -20,8 +21,6 @@ from test_security import READ_TOKEN, WRITE_TOKEN, self_signed
 
 pytest.importorskip("pyspark")
 
-from flightcache.auth import Auth
-from flightcache.store import Store
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
@@ -30,12 +29,20 @@ import flightcache
 import flightcache.integrations.spark as fs
 import flightcache.integrations.spark_jvm as jvm
 from flightcache.protocol import Ticket
-from flightcache.server import FlightcacheServer
+from flightcache.server.auth import Auth
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
 
 pytestmark = [
     pytest.mark.spark,
-    pytest.mark.skipif(not jvm.available(), reason="the connector's jar is not built: make jar"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _jar_built() -> None:
+    """Never skipped: without the jar these tests fail, saying how to build it."""
+    if not jvm.available():
+        pytest.fail("the connector's jar is not built: run 'make jar' (make test builds it first)")
 
 SparkError = (PySparkException, Py4JJavaError)
 
@@ -63,7 +70,7 @@ class RecordingServer(FlightcacheServer):
 
 @pytest.fixture
 def recording() -> Iterator[RecordingServer]:
-    srv = RecordingServer("grpc://127.0.0.1:0", store=Store(memory_limit=256 * 1024 * 1024))
+    srv = build_server(ServerConfig(memory_limit=256 * 1024 * 1024), RecordingServer)
     yield srv
     srv.shutdown()
 
@@ -235,7 +242,7 @@ def test_a_read_is_pinned_to_the_version_of_its_planning(spark: SparkSession, cl
 
 def test_a_read_stopped_early_releases_its_stream(spark: SparkSession) -> None:
     """LIMIT stops a partition's stream midway: the reader cancels it and frees its memory (the task would fail)."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    srv = build_server(ServerConfig(batch_rows=1000))
     try:
         uri = f"grpc://127.0.0.1:{srv.port}"
         with flightcache.connect(uri) as c:
@@ -250,7 +257,7 @@ def test_a_read_stopped_early_releases_its_stream(spark: SparkSession) -> None:
 
 def test_partitions_and_preferred_locations_follow_the_endpoints(spark: SparkSession) -> None:
     """One partition per endpoint, preferring its location's host (host only); no location: the uri's host."""
-    srv = RecordingServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000), endpoint_host="localhost")
+    srv = build_server(ServerConfig(batch_rows=1000), functools.partial(RecordingServer, endpoint_host="localhost"))
     try:
         uri = f"grpc://127.0.0.1:{srv.port}"
         with flightcache.connect(uri) as c:
@@ -366,10 +373,8 @@ def test_errors_name_the_dataset_and_the_server(spark: SparkSession, client: fli
 
 def test_tokens(spark: SparkSession, tmp_path: Path) -> None:
     """The token option reaches planning and every task; a read token cannot write; a bad or missing one is refused."""
-    server = FlightcacheServer(
-        "grpc://127.0.0.1:0",
-        store=Store(memory_limit=64 * 1024 * 1024),
-        auth=Auth({WRITE_TOKEN: "write", READ_TOKEN: "read"}),
+    server = build_server(
+        ServerConfig(memory_limit=64 * 1024 * 1024, credentials=Auth({WRITE_TOKEN: "write", READ_TOKEN: "read"}))
     )
     uri = f"grpc://127.0.0.1:{server.port}"
     try:
@@ -394,10 +399,8 @@ def test_tokens(spark: SparkSession, tmp_path: Path) -> None:
 def test_tls(spark: SparkSession, tmp_path: Path) -> None:
     """grpc+tls: reads and writes with the CA as a file or as PEM text; without it the error says TLS and the fix."""
     cert, key = self_signed(tmp_path)
-    server = FlightcacheServer(
-        "grpc+tls://127.0.0.1:0",
-        store=Store(memory_limit=64 * 1024 * 1024),
-        tls_certificates=[flight.CertKeyPair(cert.read_bytes(), key.read_bytes())],
+    server = build_server(
+        ServerConfig(memory_limit=64 * 1024 * 1024, tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
     )
     uri = f"grpc+tls://127.0.0.1:{server.port}"
     try:
