@@ -29,7 +29,7 @@ import pyarrow as pa
 from ..errors import DatasetNotFoundError, FlightcacheError, InvalidRequestError, NotInMemoryError, StorageError
 from .allocator import TRIM_BYTES, process_memory, release_memory
 from .shm import SharedMemory
-from .storage import Storage, read_external
+from .storage import Storage, check_storable, read_external, unstorable
 from .store import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, StagedPut, Store, StoredVersion, Version
 
 log = logging.getLogger("flightcache.cache")
@@ -151,6 +151,18 @@ class Cache:
             )
         return mode
 
+    def check_storable(self, name: str, schema: pa.Schema, persist: str | None) -> None:
+        """Refuse now, before any data arrives, a put to be persisted whose schema storage cannot hold."""
+        if self._persist_mode(persist) != "none":
+            check_storable(name, schema)
+
+    def _unspillable(self, version: Version) -> str | None:
+        """Why ``version`` can never leave memory through storage (its schema), or None."""
+        if self.storage is None:
+            return None
+        reason = unstorable(version.schema)
+        return None if reason is None else f"never evicted: {reason}"
+
     # -- writes ----------------------------------------------------------------------------
 
     def publish(self, staged: StagedPut, *, persist: str | None = None, ttl: float | None = None) -> Version:
@@ -158,6 +170,7 @@ class Cache:
         mode = self._persist_mode(persist)
         if ttl is not None and ttl <= 0:
             raise InvalidRequestError(f"ttl of dataset {staged.name!r} must be positive, got {ttl}")
+        self.check_storable(staged.name, staged.schema, mode)
         if staged.mode == "append" and self.store.stored(staged.name) is not None:
             self.get(staged.name)  # an append needs the stored rows in memory
         with self._locked(staged.name):
@@ -238,11 +251,19 @@ class Cache:
 
     def info(self, name: str) -> dict[str, Any]:
         """What the ``info`` action answers for ``name``."""
-        return self.store.info(name).to_dict()
+        return self._described(self.store.info(name).to_dict())
 
     def list(self) -> list[dict[str, Any]]:
         """What the ``list`` action answers: every dataset's info."""
-        return [i.to_dict() for i in self.store.list()]
+        return [self._described(i.to_dict()) for i in self.store.list()]
+
+    def _described(self, info: dict[str, Any]) -> dict[str, Any]:
+        """``info`` with what the cache adds: why the dataset cannot be spilled, if it cannot."""
+        version = self.store.current(info["name"]) if info["in_memory"] else None
+        unspillable = None
+        if version is not None and info["persisted_version"] != version.number:
+            unspillable = self._unspillable(version)
+        return {**info, "unspillable": unspillable}
 
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from memory and from storage."""
@@ -318,13 +339,14 @@ class Cache:
 
     # -- persistence -----------------------------------------------------------------------
 
-    def _schedule(self, version: Version) -> None:
+    def _schedule(self, version: Version) -> Future[None]:
         assert self._pool is not None
         self.store.set_state(version.name, version.number, PERSISTING)
         future = self._pool.submit(self._persist_current, version.name, version.number)
         with self._guard:
             self._pending[version.name] = future
         future.add_done_callback(lambda f, n=version.name: self._forget(n, f))
+        return future
 
     def _forget(self, name: str, future: Future[None]) -> None:
         with self._guard:
@@ -345,33 +367,36 @@ class Cache:
             assert self.storage is not None
             started = time.perf_counter()
             try:
+                check_storable(name, version.schema)
                 self.storage.write_version(name, number, version.schema, version.batches)
-            except FlightcacheError as e:
-                log.error("persisting %s v%d failed: %s", name, number, e)
-                self.store.set_state(name, number, PERSIST_FAILED, str(e))
-                raise
+            except Exception as e:  # whatever failed, the dataset must not look safe or in progress
+                error = e if isinstance(e, FlightcacheError) else StorageError(f"{type(e).__name__}: {e}")
+                log.error("persisting %s v%d failed: %s", name, number, error)
+                self.store.set_state(name, number, PERSIST_FAILED, str(error))
+                raise error from e
             self.store.set_state(name, number, PERSISTED)
             self.store.count(name, bytes_persisted=version.nbytes, persist_s=time.perf_counter() - started)
 
     def persist(self, name: str, wait: bool = True) -> dict[str, Any]:
-        """Persist the current version of ``name`` now (or wait for its pending write-back)."""
+        """Persist the current version of ``name`` now (or wait for its pending write-back).
+
+        With ``wait``, a write-back that fails raises its error (the state is then persist-failed).
+        """
         self._persist_mode("sync")  # needs storage
         with self._guard:
             pending = self._pending.get(name)
         if pending is not None:
             if wait:
-                pending.exception()
+                _raise_failure(pending)
         else:
             version = self.store.current(name)
             if version is None:
                 self.store.info(name)  # raises if unknown; else it is in storage already
             elif self.store.info(name).persisted_version != version.number:
-                self._schedule(version)
-                with self._guard:
-                    pending = self._pending.get(name)
-                if wait and pending is not None:
-                    pending.exception()
-        return self.store.info(name).to_dict()
+                pending = self._schedule(version)  # not looked up again: it may be done and forgotten already
+                if wait:
+                    _raise_failure(pending)
+        return self.info(name)
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -383,6 +408,9 @@ class Cache:
                 break
             if not persisted and self.storage is None:
                 continue
+            version = self.store.current(name)
+            if not persisted and version is not None and self._unspillable(version) is not None:
+                continue  # storage cannot hold it: as if pinned (info says why)
             with self._guard:
                 lock = self._name_locks.setdefault(name, threading.RLock())
             if not lock.acquire(blocking=False):
@@ -462,3 +490,10 @@ class Cache:
             "per_dataset": details,
             "process": process_memory(),
         }
+
+
+def _raise_failure(future: Future[None]) -> None:
+    """Wait for a write-back; raise what made it fail."""
+    error = future.exception()
+    if error is not None:
+        raise error

@@ -312,6 +312,8 @@ class FlightcacheServer(flight.FlightServerBase):
         if options.name is not None and options.name != name:
             raise InvalidRequestError(f"put options name {options.name!r} differs from the descriptor's {name!r}")
         note(context, dataset=name, mode=options.mode, txn=options.txn)
+        if options.txn is None or options.persist is not None:  # a part's persistence is its commit's
+            self.cache.check_storable(name, reader.schema, options.persist)  # at the first message, not after the data
         staged = self.store.begin_put(name, reader.schema, options.mode)
         rows = received = 0
         ended: EndOfStream | None = None

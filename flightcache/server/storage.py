@@ -30,12 +30,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
 
-from ..errors import InvalidNameError, StorageError
+from ..errors import InvalidNameError, SchemaMismatchError, StorageError
 from ..names import validate_name
 from .store import batch_nbytes
 
@@ -186,7 +187,15 @@ class Storage:
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
 
-        files = self._parallel(write_part, range(len(groups)))
+        try:
+            files = self._parallel(write_part, range(len(groups)))
+        except StorageError:
+            raise
+        except Exception as e:  # Parquet refused the data, or anything else: a StorageError naming the URI
+            raise StorageError(
+                f"cannot write version {version} of dataset {name!r} to {self.describe(directory)}: "
+                f"{type(e).__name__}: {_first_line(e)}"
+            ) from e
         manifest = Manifest(
             name,
             version,
@@ -374,6 +383,47 @@ def is_transient(e: BaseException) -> bool:
 
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def unstorable(schema: pa.Schema) -> str | None:
+    """Why Parquet cannot hold ``schema`` (naming the column and its type), or None if it can.
+
+    The judge is pyarrow's own Parquet writer, opened on the schema: it refuses exactly the types a
+    write would refuse (measured with pyarrow 26: unions, month_day_nano_interval, run-end encoded,
+    a struct with no fields, at any depth: in lists, structs, maps and dictionaries).
+    """
+    return _unstorable(schema)
+
+
+@lru_cache(maxsize=256)  # one check per distinct schema: opening a writer costs ~1 ms
+def _unstorable(schema: pa.Schema) -> str | None:
+    if _parquet_refuses(schema) is None:
+        return None
+    for f in schema:
+        reason = _parquet_refuses(pa.schema([f]))
+        if reason is not None:
+            return f"column {f.name!r} of type {f.type} cannot be stored as Parquet ({reason})"
+    return f"the schema cannot be stored as Parquet ({_parquet_refuses(schema)})"
+
+
+def _parquet_refuses(schema: pa.Schema) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.ParquetWriter(pa.MockOutputStream(), schema).close()
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        return _first_line(e)
+    return None
+
+
+def check_storable(name: str, schema: pa.Schema) -> None:
+    """Raise SchemaMismatchError if storage cannot hold dataset ``name`` of ``schema``."""
+    reason = unstorable(schema)
+    if reason is not None:
+        raise SchemaMismatchError(
+            f"dataset {name!r} cannot be persisted: {reason}; put it with persist='none' "
+            "(memory only), or cast that column to a type Parquet stores"
+        )
 
 
 def _split(batches: Sequence[pa.RecordBatch], part_bytes: int) -> list[list[pa.RecordBatch]]:
