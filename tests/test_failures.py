@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
 from conftest import logs_table, run_cli
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, SchemaMismatchError, StorageError
 from flightcache.server.flight import FlightcacheServer
-from flightcache.server.storage import Storage
+from flightcache.server.storage import Storage, unstorable
 from flightcache.server.store import Store
 
 # -- columns Parquet cannot store ------------------------------------------------------------------

@@ -36,6 +36,7 @@ log = logging.getLogger("flightcache.cache")
 
 PERSIST_MODES = ("none", "sync", "async")
 
+
 class Cache:
     """Coordinates a Store and an optional Storage."""
 
