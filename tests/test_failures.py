@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 from conftest import logs_table, run_cli
 
@@ -155,3 +157,61 @@ def test_failed_write_back_is_reported_not_in_progress(storage_dir: Path) -> Non
     finally:
         summary = srv.drain(5)
     assert summary["persist_failed"] == 1 and summary["flush_failed"] >= 0
+
+
+# -- errors in the middle of a stream ---------------------------------------------------------------
+
+
+def _divide_by_zero_filter(schema: pa.Schema) -> bytes:
+    """A substrait filter that binds to ``schema`` (a row of nulls passes it) but fails on the first value."""
+    import pyarrow.compute as pc
+
+    return bytes(pc.divide_checked(pc.field("bytes"), pc.scalar(0)).__gt__(0).to_substrait(schema))
+
+
+def test_filter_failing_mid_stream_reaches_a_plain_flight_client_with_its_code(
+    uri: str, client: flightcache.Client
+) -> None:
+    """A filtered do_get whose filter fails on the data ends with INVALID_REQUEST in extra_info, and
+    flightcache.Client raises InvalidRequestError for it."""
+    import base64
+
+    import pyarrow.compute as pc
+
+    from flightcache.errors import InvalidRequestError
+    from flightcache.protocol import ReadRequest
+
+    table = logs_table(1000)
+    client.put("logs", table)
+    raw = _divide_by_zero_filter(table.schema)
+    request = ReadRequest("logs", filter_substrait=base64.b64encode(raw).decode())
+    plain = flight.connect(uri)
+    info = plain.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes()))  # the probe row passes
+    with pytest.raises(flight.FlightError) as e:
+        plain.do_get(info.endpoints[0].ticket).read_all()
+    assert json.loads(e.value.extra_info) == {"code": "INVALID_REQUEST"}
+    assert "divide by zero" in str(e.value)
+    plain.close()
+    with pytest.raises(InvalidRequestError, match="divide by zero"):
+        flightcache.connect(uri, shm=False).get("logs", filter=pc.divide_checked(pc.field("bytes"), 0) > 0)
+
+
+def test_sql_error_mid_stream_has_its_code(uri: str, client: flightcache.Client) -> None:
+    """A SQL query failing after its first batches ends with SQL_ERROR in extra_info over plain Flight."""
+    from flightcache import flightsql as fsql
+
+    query = "SELECT CASE WHEN range > 700000 THEN error('boom') ELSE range END FROM range(1000000)"
+    plain = flight.connect(uri)
+    info = plain.get_flight_info(flight.FlightDescriptor.for_command(fsql.SqlRequest(query).to_command()))
+    with pytest.raises(flight.FlightError) as e:
+        plain.do_get(info.endpoints[0].ticket).read_all()
+    assert json.loads(e.value.extra_info) == {"code": "SQL_ERROR"} and "boom" in str(e.value)
+    plain.close()
+
+
+def test_empty_filtered_read_of_dictionaries_still_reads(client: flightcache.Client) -> None:
+    """A filter matching nothing over dictionary columns gives an empty table of the schema."""
+    table = pa.table({"k": pa.array(["a", "b"]).dictionary_encode(), "n": [1, 2]})
+    client.put("d", table)
+    got = flightcache.connect(client.uri, shm=False).get("d", filter="n > 5")
+    assert got.num_rows == 0 and got.schema.equals(table.schema)
