@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,45 @@ def test_empty_filtered_read_of_dictionaries_still_reads(client: flightcache.Cli
     client.put("d", table)
     got = flightcache.connect(client.uri, shm=False).get("d", filter="n > 5")
     assert got.num_rows == 0 and got.schema.equals(table.schema)
+
+
+# -- a corrupt manifest at start-up --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("older_version_is_good", [False, True])
+def test_corrupt_manifest_is_reported_and_its_files_kept(storage_dir: Path, older_version_is_good: bool) -> None:
+    """The server starts; stats()["recovery"] and info name the corrupt manifest with its error; its files stay;
+    an older good version (if any) is served; drop removes it."""
+    table = logs_table(100)
+    storage = Storage(str(storage_dir))
+    storage.write_version("fine", 1, table.schema, table.to_batches())
+    good: list[Path] = []
+    if older_version_is_good:  # v1 kept aside while v2 commits (a commit supersedes the versions it wrote)
+        storage.write_version("bad", 1, table.schema, table.to_batches())
+        good = [shutil.copytree(d, storage_dir / "aside" / d.name) for d in (storage_dir / "bad").iterdir()]
+    storage.write_version("bad", 2, table.schema, table.to_batches())
+    bad_dir = next((storage_dir / "bad").iterdir())
+    for d in good:
+        shutil.move(d, storage_dir / "bad" / d.name)
+    (bad_dir / "manifest.json").write_text('{"format": 1, "name": "bad", "version": 2, "schema": "garbage"')
+    files_before = sorted(p.name for p in bad_dir.iterdir())
+    srv = _server(storage_dir)
+    try:
+        with flightcache.connect(f"grpc://127.0.0.1:{srv.port}") as client:
+            assert client.get("fine").equals(table)
+            corrupt = client.stats()["recovery"]["corrupt"]
+            assert [(c["name"], c["version"]) for c in corrupt] == [("bad", 2)]
+            assert "corrupt manifest" in corrupt[0]["error"] and corrupt[0]["uri"].endswith(bad_dir.name)
+            info = client.info("bad")
+            assert info["corrupt_in_storage"] == corrupt
+            if older_version_is_good:
+                assert info["version"] == 1 and client.get("bad").equals(table)
+            else:
+                assert info["state"] == "corrupt-in-storage" and "corrupt manifest" in info["persist_error"]
+            assert sorted(p.name for p in bad_dir.iterdir()) == files_before  # left for inspection
+            client.drop("bad")
+            assert not (storage_dir / "bad").exists() or not any((storage_dir / "bad").iterdir())
+            with pytest.raises(DatasetNotFoundError):
+                client.info("bad")
+    finally:
+        srv.shutdown()

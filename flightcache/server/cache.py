@@ -35,6 +35,7 @@ from .store import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, Stage
 log = logging.getLogger("flightcache.cache")
 
 PERSIST_MODES = ("none", "sync", "async")
+CORRUPT_IN_STORAGE = "corrupt-in-storage"  # the state `info` gives a name whose stored manifest cannot be read
 
 
 class Cache:
@@ -71,7 +72,7 @@ class Cache:
             target=self._sweep_loop, args=(sweep_seconds,), daemon=True, name="flightcache-ttl"
         )
         self._sweeper.start()
-        self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": []}
+        self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": [], "corrupt": []}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class Cache:
         """
         if self.storage is None:
             return self.recovery
-        manifests = self.storage.catalog()
+        manifests, corrupt = self.storage.survey()  # corrupt manifests: reported, their files left as they are
         committed = {m.name: m.version for m in manifests}
         incomplete: list[dict[str, Any]] = []
         removed: list[str] = []
@@ -104,7 +105,7 @@ class Cache:
             removed.append(self.storage.describe(path))
         for m in manifests:
             self.store.add_stored(StoredVersion(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
-        removed += self.storage.clean(manifests)
+        removed += self.storage.clean(manifests, keep=[c["uri"] for c in corrupt])
         if manifests or removed:
             log.info(
                 "recovered %d datasets from %s; removed %d unfinished or old versions",
@@ -112,7 +113,12 @@ class Cache:
                 self.storage.uri,
                 len(removed),
             )
-        self.recovery = {"datasets": len(manifests), "removed": removed, "incomplete_versions": incomplete}
+        self.recovery = {
+            "datasets": len(manifests),
+            "removed": removed,
+            "incomplete_versions": incomplete,
+            "corrupt": corrupt,
+        }
         return self.recovery
 
     def close(self, flush: bool = True) -> None:
@@ -251,8 +257,23 @@ class Cache:
         return version
 
     def info(self, name: str) -> dict[str, Any]:
-        """What the ``info`` action answers for ``name``."""
-        return self._described(self.store.info(name).to_dict())
+        """What the ``info`` action answers for ``name`` (a name whose only stored manifest is corrupt too)."""
+        corrupt = [c for c in self.recovery["corrupt"] if c["name"] == name]
+        try:
+            info = self._described(self.store.info(name).to_dict())
+        except DatasetNotFoundError:
+            if not corrupt:
+                raise
+            newest = corrupt[-1]
+            return {
+                "name": name,
+                "version": newest["version"],
+                "state": CORRUPT_IN_STORAGE,
+                "in_memory": False,
+                "persist_error": newest["error"],
+                "corrupt_in_storage": corrupt,
+            }
+        return {**info, "corrupt_in_storage": corrupt}
 
     def list(self) -> list[dict[str, Any]]:
         """What the ``list`` action answers: every dataset's info."""
@@ -269,9 +290,18 @@ class Cache:
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from memory and from storage."""
         with self._locked(name):
-            info = self.store.drop(name)
+            corrupt = [c for c in self.recovery["corrupt"] if c["name"] == name]
+            try:
+                info = self.store.drop(name)
+            except DatasetNotFoundError:
+                if not corrupt or self.storage is None:
+                    raise
+                info = None  # only a corrupt manifest is left of it: dropping removes its files
             if self.storage is not None:
                 self.storage.delete(name)
+            self.recovery["corrupt"] = [c for c in self.recovery["corrupt"] if c["name"] != name]
+        if info is None:
+            return {"name": name, "version": corrupt[-1]["version"], "bytes": 0}
         return {"name": info.name, "version": info.version, "bytes": info.nbytes}
 
     # -- reads -----------------------------------------------------------------------------
@@ -320,7 +350,7 @@ class Cache:
             return self.store.get(name)  # loaded meanwhile
         assert self.storage is not None
         started = time.perf_counter()
-        manifest = self.storage.manifest(name)
+        manifest = self.storage.manifest(name, stored.number)
         if manifest is None or manifest.version != stored.number:
             raise StorageError(
                 f"version {stored.number} of dataset {name!r} is missing from {self.storage.uri}; "
@@ -487,7 +517,10 @@ class Cache:
             "pending_persists": pending,
             **writebacks,
             "storage": self.storage.uri if self.storage else None,
-            "recovery": {"incomplete_versions": self.recovery["incomplete_versions"]},
+            "recovery": {
+                "incomplete_versions": self.recovery["incomplete_versions"],
+                "corrupt": self.recovery["corrupt"],
+            },
             "per_dataset": details,
             "process": process_memory(),
         }

@@ -242,13 +242,14 @@ class Storage:
                 found.append((int(m.group(1)), info.path))
         return sorted(found)
 
-    def manifest(self, name: str) -> Manifest | None:
-        """The newest committed version of ``name``, or None."""
-        for version, path in reversed(self._version_dirs(name)):
+    def manifest(self, name: str, version: int | None = None) -> Manifest | None:
+        """The newest committed version of ``name`` (or its version ``version``), or None."""
+        for number, path in reversed(self._version_dirs(name)):
+            if version is not None and number != version:
+                continue
             raw = self._get_object(f"{path}/{MANIFEST}", missing_ok=True)
             if raw is not None:
                 return Manifest.from_json(raw.to_pybytes(), self.describe(path))
-            del version
         return None
 
     def read_version(self, manifest: Manifest, *, progress: Callable[[int], None] | None = None) -> pa.Table:
@@ -286,11 +287,20 @@ class Storage:
 
     def catalog(self) -> list[Manifest]:
         """The newest committed version of every dataset under the root."""
+        return self.survey()[0]
+
+    def survey(self) -> tuple[list[Manifest], list[dict[str, Any]]]:
+        """(the newest committed version of every dataset, the manifests that cannot be read).
+
+        A manifest that cannot be read is reported as {"name", "version", "uri", "error"} (name and
+        version from its path) and its directory is left as it is, for inspection.
+        """
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.root, recursive=True, allow_not_found=True)
         infos = self._retry(f"list {self.uri}", lambda: self.fs.get_file_info(selector))
         manifests: dict[str, Manifest] = {}
+        corrupt: list[dict[str, Any]] = []
         for info in infos:
             if info.base_name != MANIFEST or info.type != pafs.FileType.File:
                 continue
@@ -302,17 +312,29 @@ class Storage:
                 if info.path != f"{self._version_dir(m.name, m.version)}/{MANIFEST}":
                     raise StorageError(f"manifest at {self.describe(info.path)} names {m.name!r} v{m.version}")
             except (StorageError, InvalidNameError) as e:
-                log.warning("ignoring %s", e)
+                directory = info.path.rsplit("/", 1)[0]
+                try:
+                    name, number = self.version_of(directory)
+                except ValueError:  # not in a version directory: named by its path
+                    name, number = directory[len(self.root) :].strip("/"), None
+                log.error("%s; its files are left as they are, for inspection", e)
+                corrupt.append({"name": name, "version": number, "uri": self.describe(directory), "error": str(e)})
                 continue
             if m.name not in manifests or m.version > manifests[m.name].version:
                 manifests[m.name] = m
-        return sorted(manifests.values(), key=lambda m: m.name)
+        return sorted(manifests.values(), key=lambda m: m.name), corrupt
 
-    def clean(self, manifests: Iterable[Manifest]) -> list[str]:
-        """Remove version directories that are not the committed newest of a dataset; return them."""
+    def clean(self, manifests: Iterable[Manifest], keep: Iterable[str] = ()) -> list[str]:
+        """Remove version directories that are not the committed newest of a dataset; return them.
+
+        ``keep``: URIs of directories left as they are (those whose manifest is corrupt, for inspection).
+        """
+        kept = set(keep)
         removed = []
         for m in manifests:
             for version, path in self._version_dirs(m.name):
+                if self.describe(path) in kept:
+                    continue
                 if version != m.version and not self._has_manifest_newer(path, m.version):
                     self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
                     removed.append(self.describe(path))
