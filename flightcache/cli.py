@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "memory only (default: $FLIGHTCACHE_STORAGE or %(default)s). S3 settings come from the AWS_* variables",
     )
     serve.add_argument(
+        "--storage-grace",
+        type=float,
+        metavar="SECONDS",
+        help="how long another server may still be reading a superseded version or writing an unfinished one "
+        "in the same storage: removed only after that long (default: 600; 0: this server is the only writer)",
+    )
+    serve.add_argument(
         "--s3-endpoint",
         help="an S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
         "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS)",
@@ -439,7 +446,8 @@ def serve(args: argparse.Namespace) -> int:
     scheme, security = _server_security(args)
     sql_limits = _sql_limits(args)
     store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
-    storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint)
+    grace = {} if args.storage_grace is None else {"grace_seconds": args.storage_grace}
+    storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint, **grace)
     server = FlightcacheServer(
         f"{scheme}://{args.host}:{args.port}",
         store=store,

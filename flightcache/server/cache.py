@@ -82,7 +82,9 @@ class Cache:
         A version directory without a manifest that is newer than its dataset's committed version is
         a write that never finished (a write-back cut short by ``kill -9``, say): it is reported, in
         the log and in ``stats()["recovery"]``, and removed; the dataset comes back at its committed
-        version, if any, never half-present.
+        version, if any, never half-present. Removals follow storage's rules for several writers
+        (``storage.py``): a directory changed within ``grace_seconds`` is left, another server may be
+        writing it.
         """
         if self.storage is None:
             return self.recovery
@@ -91,6 +93,13 @@ class Cache:
         incomplete: list[dict[str, Any]] = []
         removed: list[str] = []
         for path in self.storage.orphans():
+            if not self.storage.settled(path):  # changed within the grace period: another server may be writing it
+                log.info(
+                    "leaving %s: written to less than %.0f s ago",
+                    self.storage.describe(path),
+                    self.storage.grace_seconds,
+                )
+                continue
             name, number = self.storage.version_of(path)
             if number > committed.get(name, 0):
                 incomplete.append({"name": name, "version": number, "uri": self.storage.describe(path)})

@@ -2,13 +2,31 @@
 
 Layout of a persisted dataset version::
 
-    <root>/<name>/v<version>/part-00000.parquet
-    <root>/<name>/v<version>/part-00001.parquet
-    <root>/<name>/v<version>/manifest.json      written last: the version exists once it does
+    <root>/<name>/v<version>-<writer>/part-00000.parquet
+    <root>/<name>/v<version>-<writer>/part-00001.parquet
+    <root>/<name>/v<version>-<writer>/manifest.json      written last: the version exists once it does
 
-The manifest holds the schema, rows, bytes and every part's size and SHA-256. After a version
-commits, older versions of the dataset are removed. A version directory without a manifest is a
-write that never finished; ``catalog`` ignores it and ``clean`` removes it.
+The manifest holds the schema, rows, bytes and every part's size and SHA-256. A version directory
+without a manifest is a write that never finished (or is still under way); ``catalog`` ignores it.
+Directories written before writers were named (``v<version>``) are read the same way.
+
+Several writers (servers) may share one root. The rules that keep them from destroying each other's
+data:
+
+* ``<writer>`` is a random id per ``Storage``, so two writers that pick the same version number write
+  two directories, never the same files (object stores have no portable put-if-absent); of two
+  committed directories with the same number, the one committed last is that version.
+* A commit removes only older versions of the dataset that this ``Storage`` wrote itself, and older
+  versions of other writers once a newer version has been committed for ``grace_seconds`` (a reader
+  that picked one has had that long to finish). It never removes a newer version, the same number,
+  a directory without a manifest (another writer may be writing it), nor one whose manifest cannot
+  be read (kept for inspection).
+* At start-up (``clean``, ``settled``), superseded versions follow the same grace rule, and a directory
+  without a manifest is removed only when nothing in it changed for ``grace_seconds``.
+* ``delete`` (dropping a dataset) removes every version: dropping is meant for all writers.
+
+Version numbers come from each writer's own catalog; without a catalog shared by the writers (the
+cluster issue) "newest" means the highest number, then the latest commit.
 
 Objects are written and read whole (one request each, parts in parallel): ranged small reads on
 S3 were measured orders of magnitude slower. Transient errors (throttling, 5xx, connection
@@ -25,11 +43,12 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
@@ -51,7 +70,8 @@ log = logging.getLogger("flightcache.storage")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 DEFAULT_PART_BYTES = 128 * 1024 * 1024
-_VERSION_DIR = re.compile(r"v(\d+)")
+_VERSION_DIR = re.compile(r"v(\d+)(?:-([0-9a-f]{1,32}))?")
+DEFAULT_STORAGE_GRACE_SECONDS = 600.0
 _PART_FILE = re.compile(r"part-\d{5}\.parquet")
 _TRANSIENT = re.compile(
     r"slow[ _]?down|throttl|too[ _]many[ _]requests|request[ _]?timeout|timed?[ _]?out|internal[ _]?error"
@@ -77,6 +97,7 @@ class Manifest:
     bytes: int
     files: tuple[dict[str, Any], ...]  # {"path": relative, "rows": n, "size": bytes, "sha256": hex}
     created: float
+    directory: str = ""  # the version directory's name (``v<version>-<writer>``); set where it is read
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -127,8 +148,11 @@ class Storage:
         backoff: float = 0.2,
         threads: int = 8,
         part_bytes: int = DEFAULT_PART_BYTES,
+        grace_seconds: float = DEFAULT_STORAGE_GRACE_SECONDS,
     ) -> None:
         self.uri = uri
+        self.writer = secrets.token_hex(4)  # names the version directories this Storage writes
+        self.grace_seconds = grace_seconds
         self.s3_endpoint = s3_endpoint
         self.fs, self.root = filesystem(uri, s3_endpoint=s3_endpoint)
         self.retries = retries
@@ -146,7 +170,8 @@ class Storage:
         return f"{self.root}/{name}" if self.root else name
 
     def _version_dir(self, name: str, version: int) -> str:
-        return f"{self._dataset_dir(name)}/v{version}"
+        """The directory this writer writes version ``version`` of ``name`` to."""
+        return f"{self._dataset_dir(name)}/v{version}-{self.writer}"
 
     def describe(self, path: str) -> str:
         """The URI of a path under the root, for messages."""
@@ -204,9 +229,10 @@ class Storage:
             sum(batch_nbytes(b) for b in batches),
             tuple(files),
             time.time(),
+            directory.rsplit("/", 1)[-1],
         )
         self._put_object(f"{directory}/{MANIFEST}", pa.py_buffer(manifest.to_json()))
-        self._remove_versions(name, keep=version)
+        self._supersede(name, version)
         return manifest
 
     def _put_object(self, path: str, data: pa.Buffer) -> None:
@@ -216,14 +242,51 @@ class Storage:
 
         self._retry(f"write {self.describe(path)}", put)
 
-    def _remove_versions(self, name: str, keep: int | None) -> None:
-        for version, path in self._version_dirs(name):
-            if version != keep:
-                self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
+    def _supersede(self, name: str, version: int) -> list[str]:
+        """After version ``version`` of ``name`` committed: remove the older versions the rules allow
+        (see the module docstring); return their URIs."""
+        dirs = self._version_dirs(name)
+        removable = [(n, p) for n, p in dirs if n < version]
+        if not removable:
+            return []
+        foreign = [(n, p) for n, p in removable if self._writer_of(p) != self.writer]
+        committed: dict[str, Manifest | None] = {}
+        if foreign:  # when each version was committed, to know since when a foreign one is superseded
+            committed = {p: self._manifest_at(p) for n, p in dirs if n > min(n for n, _ in foreign)}
+        deadline = time.time() - self.grace_seconds
+        removed = []
+        for number, path in removable:
+            if self._writer_of(path) != self.writer:
+                if committed.get(path, self._manifest_at(path)) is None:
+                    continue  # being written by another writer, or unreadable: not ours to remove
+                newer = [m.created for p, m in committed.items() if m is not None and m.version > number]
+                if not newer or min(newer) > deadline:
+                    continue  # superseded less than grace_seconds ago: a reader may still be reading it
+            self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
+            removed.append(self.describe(path))
+        return removed
+
+    def _writer_of(self, path: str) -> str | None:
+        m = _VERSION_DIR.fullmatch(path.rsplit("/", 1)[-1])
+        return m.group(2) if m else None
+
+    def _manifest_at(self, path: str) -> Manifest | None:
+        """The manifest of the version directory ``path``; None if it has none or it cannot be read."""
+        raw = self._get_object(f"{path}/{MANIFEST}", missing_ok=True)
+        if raw is None:
+            return None
+        try:
+            return self._parse(raw, path)
+        except StorageError:
+            return None
+
+    def _parse(self, raw: pa.Buffer, path: str) -> Manifest:
+        return replace(Manifest.from_json(raw.to_pybytes(), self.describe(path)), directory=path.rsplit("/", 1)[-1])
 
     def delete(self, name: str) -> None:
-        """Remove every stored version of a dataset."""
-        self._remove_versions(name, keep=None)
+        """Remove every stored version of a dataset (every writer's: dropping is meant for all)."""
+        for _, path in self._version_dirs(name):
+            self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -244,19 +307,24 @@ class Storage:
 
     def manifest(self, name: str, version: int | None = None) -> Manifest | None:
         """The newest committed version of ``name`` (or its version ``version``), or None."""
+        best: Manifest | None = None
         for number, path in reversed(self._version_dirs(name)):
             if version is not None and number != version:
                 continue
+            if best is not None and number < best.version:
+                break  # the newest number is found; of its directories, the latest commit is taken
             raw = self._get_object(f"{path}/{MANIFEST}", missing_ok=True)
             if raw is not None:
-                return Manifest.from_json(raw.to_pybytes(), self.describe(path))
-        return None
+                m = self._parse(raw, path)
+                if best is None or m.created > best.created:
+                    best = m
+        return best
 
     def read_version(self, manifest: Manifest, *, progress: Callable[[int], None] | None = None) -> pa.Table:
         """Read a committed version's parts in parallel, checking each one's size and SHA-256."""
         import pyarrow.parquet as pq
 
-        directory = self._version_dir(manifest.name, manifest.version)
+        directory = f"{self._dataset_dir(manifest.name)}/{manifest.directory or f'v{manifest.version}'}"
 
         def read_part(i: int) -> pa.Table:
             entry = manifest.files[i]
@@ -309,8 +377,15 @@ class Storage:
                 continue
             try:
                 m = Manifest.from_json(raw.to_pybytes(), self.describe(info.path))
-                if info.path != f"{self._version_dir(m.name, m.version)}/{MANIFEST}":
+                directory = info.path.rsplit("/", 1)[0]
+                found = _VERSION_DIR.fullmatch(directory.rsplit("/", 1)[-1])
+                if (
+                    found is None
+                    or int(found.group(1)) != m.version
+                    or directory.rsplit("/", 1)[0] != self._dataset_dir(m.name)
+                ):
                     raise StorageError(f"manifest at {self.describe(info.path)} names {m.name!r} v{m.version}")
+                m = replace(m, directory=directory.rsplit("/", 1)[-1])
             except (StorageError, InvalidNameError) as e:
                 directory = info.path.rsplit("/", 1)[0]
                 try:
@@ -320,7 +395,8 @@ class Storage:
                 log.error("%s; its files are left as they are, for inspection", e)
                 corrupt.append({"name": name, "version": number, "uri": self.describe(directory), "error": str(e)})
                 continue
-            if m.name not in manifests or m.version > manifests[m.name].version:
+            held = manifests.get(m.name)
+            if held is None or (m.version, m.created) > (held.version, held.created):
                 manifests[m.name] = m
         return sorted(manifests.values(), key=lambda m: m.name), corrupt
 
@@ -332,17 +408,33 @@ class Storage:
         kept = set(keep)
         removed = []
         for m in manifests:
-            for version, path in self._version_dirs(m.name):
-                if self.describe(path) in kept:
+            dirs = self._version_dirs(m.name)
+            manifests_at = {p: self._manifest_at(p) for _, p in dirs if p.rsplit("/", 1)[-1] != m.directory}
+            deadline = time.time() - self.grace_seconds
+            for version, path in dirs:
+                if path not in manifests_at or self.describe(path) in kept or version > m.version:
                     continue
-                if version != m.version and not self._has_manifest_newer(path, m.version):
-                    self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
-                    removed.append(self.describe(path))
+                held = manifests_at[path]
+                if held is None:
+                    continue  # no manifest: a write that never finished, or one under way (see ``settled``)
+                newer = [x.created for x in (m, *manifests_at.values()) if x is not None and x.version > held.version]
+                if version == m.version or not newer or min(newer) > deadline:
+                    continue  # the same number as the newest (another writer's), or superseded too recently
+                self._retry(f"remove {self.describe(path)}", lambda p=path: self.fs.delete_dir(p))
+                removed.append(self.describe(path))
         return removed
 
-    def _has_manifest_newer(self, path: str, committed: int) -> bool:
-        m = _VERSION_DIR.fullmatch(path.rsplit("/", 1)[-1])
-        return bool(m) and int(m.group(1)) > committed and self._get_object(f"{path}/{MANIFEST}", True) is not None
+    def settled(self, path: str) -> bool:
+        """Whether nothing under the version directory ``path`` changed for ``grace_seconds`` (a write that
+        never finished, not one under way)."""
+        import pyarrow.fs as pafs
+
+        if self.grace_seconds <= 0:
+            return True
+        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        infos = self._retry(f"list {self.describe(path)}", lambda: self.fs.get_file_info(selector))
+        times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+        return bool(times) and max(times) <= time.time() - self.grace_seconds
 
     def orphans(self) -> list[str]:
         """Version directories with no manifest anywhere under the root (writes that never finished)."""
@@ -358,7 +450,10 @@ class Storage:
         """(dataset name, version) of a version directory under the root."""
         relative = path[len(self.root) :].strip("/") if path.startswith(self.root) else path.strip("/")
         name, _, directory = relative.rpartition("/")
-        return name, int(directory[1:])
+        m = _VERSION_DIR.fullmatch(directory)
+        if m is None:
+            raise ValueError(f"{path!r} is not a version directory")
+        return name, int(m.group(1))
 
     def remove(self, path: str) -> None:
         self._retry(f"remove {self.describe(path)}", lambda: self.fs.delete_dir(path))
