@@ -743,6 +743,9 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     lost = s.get("recovery", {}).get("incomplete_versions", [])
     if lost:  # write-backs a crash cut short: acknowledged in memory, never committed to storage
         lines.append(["lost at the last start", ", ".join(f"{v['name']} v{v['version']}" for v in lost)])
+    corrupt = s.get("recovery", {}).get("corrupt", [])
+    if corrupt:  # manifests that cannot be read: their files are kept for inspection
+        lines.append(["corrupt in storage", ", ".join(f"{c['name']} v{c['version']} ({c['uri']})" for c in corrupt)])
     per = [
         [
             name,
