@@ -314,3 +314,103 @@ def test_spark_reuses_one_connection_per_worker(spark: object) -> None:
         assert len(srv.peers["do_put"]) <= 3, srv.peers["do_put"]  # was 6: one per task
     finally:
         srv.shutdown()
+
+
+# -- several writers on one storage --------------------------------------------------------------------
+
+
+def _table(seed: int) -> pa.Table:
+    return logs_table(500, seed=seed)
+
+
+@pytest.mark.s3
+def test_two_writers_interleaving_commits_of_one_dataset_keep_each_others_data(storage_uri: str) -> None:
+    """Two Storages on one root (local and S3) committing the same dataset, the same version numbers too:
+    the newest commit is what is read, and neither removes a version the other committed or is writing."""
+    from flightcache.errors import InvalidNameError
+    from flightcache.names import validate_name
+
+    with pytest.raises(InvalidNameError):  # a dataset named like a version directory would be taken for one
+        validate_name("d/v3-0af3c9d1")
+    a, b = Storage(storage_uri), Storage(storage_uri)
+    a1 = a.write_version("d", 1, _table(1).schema, _table(1).to_batches())
+    b1 = b.write_version("d", 1, _table(2).schema, _table(2).to_batches())  # the same number: two directories
+    assert a1.directory != b1.directory
+    assert a.manifest("d") == b1 and b.read_version(a.manifest("d")).equals(_table(2))  # the later commit
+    assert a.read_version(a1).equals(_table(1))  # the overwritten-looking one is whole, not mixed
+    unfinished = f"{b.root}/d/v9-{b.writer}"  # b writing a newer version: no manifest yet
+    b.fs.create_dir(unfinished)
+    with b.fs.open_output_stream(f"{unfinished}/part-00000.parquet") as out:
+        out.write(b"being written")
+    a2 = a.write_version("d", 2, _table(3).schema, _table(3).to_batches())
+    b3 = b.write_version("d", 3, _table(4).schema, _table(4).to_batches())
+    assert a.manifest("d") == b3 and a.read_version(a.manifest("d")).equals(_table(4))
+    assert b.read_version(a2).equals(_table(3))  # a's v2: b superseded it just now, a reader may be on it
+    dirs = {p.rsplit("/", 1)[-1] for _, p in a._version_dirs("d")}
+    assert a1.directory not in dirs  # a removed its own superseded v1 at once
+    assert b1.directory not in dirs  # and b its own
+    assert {a2.directory, b3.directory, unfinished.rsplit("/", 1)[-1]} <= dirs
+    a.write_version("e", 1, _table(5).schema, _table(5).to_batches())  # another dataset: nothing of d changes
+    assert {p.rsplit("/", 1)[-1] for _, p in a._version_dirs("d")} == dirs
+    # Once a newer version has been committed for the grace period, another writer's old version goes.
+    late = Storage(storage_uri, grace_seconds=0)
+    late4 = late.write_version("d", 4, _table(6).schema, _table(6).to_batches())
+    left = {p.rsplit("/", 1)[-1] for _, p in late._version_dirs("d")}
+    assert left == {late4.directory, unfinished.rsplit("/", 1)[-1]}  # never a directory without a manifest
+    assert late.read_version(late.manifest("d")).equals(_table(6))
+
+
+@pytest.mark.s3
+def test_two_writers_committing_concurrently(storage_uri: str) -> None:
+    """Two writers committing one dataset and one of their own at the same time: at every moment the newest
+    committed version reads whole, and each writer's own dataset keeps its last version."""
+    import threading
+
+    writers = [Storage(storage_uri), Storage(storage_uri)]
+    errors: list[BaseException] = []
+
+    def run(i: int, storage: Storage) -> None:
+        try:
+            for n in range(1, 6):
+                storage.write_version("shared", n, _table(10 * i + n).schema, _table(10 * i + n).to_batches())
+                storage.write_version(f"own{i}", n, _table(n).schema, _table(n).to_batches())
+                newest = storage.manifest("shared")
+                assert newest is not None and storage.read_version(newest).num_rows == 500
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    reader = Storage(storage_uri)
+    newest = reader.manifest("shared")
+    assert newest is not None and newest.version == 5
+    last = 0 if newest.directory.endswith(writers[0].writer) else 1  # the writer whose v5 committed last
+    assert reader.read_version(newest).equals(_table(10 * last + 5))
+    for i in range(2):
+        m = reader.manifest(f"own{i}")
+        assert m is not None and m.version == 5 and reader.read_version(m).equals(_table(5))
+
+
+def test_a_second_server_starting_leaves_a_write_under_way(storage_dir: Path) -> None:
+    """Recovery at start does not remove another server's unfinished write made within the grace period,
+    nor report it lost; with grace 0 (the only writer) it does both."""
+    first = Storage(str(storage_dir))
+    first.write_version("w", 1, _table(1).schema, _table(1).to_batches())
+    under_way = storage_dir / "w" / f"v2-{first.writer}"
+    under_way.mkdir()
+    (under_way / "part-00000.parquet").write_bytes(b"being written")
+    srv = _server(storage_dir)
+    try:
+        assert srv.cache.recovery["incomplete_versions"] == [] and under_way.exists()
+    finally:
+        srv.shutdown()
+    alone = FlightcacheServer("grpc://127.0.0.1:0", storage=Storage(str(storage_dir), grace_seconds=0))
+    try:
+        assert [v["version"] for v in alone.cache.recovery["incomplete_versions"]] == [2]
+        assert not under_way.exists()
+    finally:
+        alone.shutdown()

@@ -56,7 +56,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from ..errors import InvalidNameError, SchemaMismatchError, StorageError
-from ..names import validate_name
+from ..names import VERSION_SEGMENT, validate_name
 from .store import batch_nbytes
 
 # Imported where used: pyarrow.dataset brings pandas (~50 MiB), and pyarrow.fs with pyarrow.parquet
@@ -70,7 +70,7 @@ log = logging.getLogger("flightcache.storage")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 DEFAULT_PART_BYTES = 128 * 1024 * 1024
-_VERSION_DIR = re.compile(r"v(\d+)(?:-([0-9a-f]{1,32}))?")
+_VERSION_DIR = re.compile(VERSION_SEGMENT)  # the segments dataset names may not use
 DEFAULT_STORAGE_GRACE_SECONDS = 600.0
 _PART_FILE = re.compile(r"part-\d{5}\.parquet")
 _TRANSIENT = re.compile(
@@ -257,7 +257,7 @@ class Storage:
         removed = []
         for number, path in removable:
             if self._writer_of(path) != self.writer:
-                if committed.get(path, self._manifest_at(path)) is None:
+                if (committed[path] if path in committed else self._manifest_at(path)) is None:
                     continue  # being written by another writer, or unreadable: not ours to remove
                 newer = [m.created for p, m in committed.items() if m is not None and m.version > number]
                 if not newer or min(newer) > deadline:
