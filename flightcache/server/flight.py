@@ -263,16 +263,17 @@ class FlightcacheServer(flight.FlightServerBase):
         # A GeneratorStream, so that an error while filtering reaches the client with its code (translate.py).
         return flight.GeneratorStream(reader.schema, translated_stream("do_get", self._counting(reader, t)))
 
-    def _counting(self, reader: pa.RecordBatchReader, t: Ticket) -> Iterator[pa.RecordBatch]:
+    def _counting(self, reader: pa.RecordBatchReader, t: Ticket) -> Iterator[pa.Table]:
         """A filtered read's batches, their bytes counted as served when the stream ends or is cut (not in
-        the request log: the call may be over by then)."""
+        the request log: the call may be over by then). Each is yielded as a one-batch table: a GeneratorStream
+        sends a table's dictionaries, a bare batch's not (measured with pyarrow 26: the client then fails)."""
         nbytes = 0
         try:
             for batch in reader:
-                if batch.num_rows == 0:  # a GeneratorStream sends no dictionaries for it, and the client then fails
+                if batch.num_rows == 0:
                     continue
                 nbytes += batch_nbytes(batch)
-                yield batch
+                yield pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             # The filter bound to the schema but fails on a value (divide_checked by a zero, say).
             raise InvalidRequestError(f"cannot apply the filter to dataset {t.name!r}: {e}") from e

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
-import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..errors import FlightcacheError, SqlError
@@ -21,6 +21,7 @@ from ..protocol import error_to_flight
 log = logging.getLogger("flightcache.server")
 
 _SQL_ERROR_INFO = b'{"code":"SQL_ERROR"}'
+T = TypeVar("T")
 
 
 def flight_error(where: str, e: BaseException) -> flight.FlightError:
@@ -40,8 +41,9 @@ def flight_error(where: str, e: BaseException) -> flight.FlightError:
     )
 
 
-def translated_stream(where: str, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``batches``, with an error raised while producing them translated like a handler's."""
+def translated_stream(where: str, batches: Iterable[T]) -> Iterator[T]:
+    """``batches`` (record batches or tables), with an error raised while producing them translated like a
+    handler's."""
     try:
         yield from batches
     except Exception as e:
