@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "memory only (default: $FLIGHTCACHE_STORAGE or %(default)s). S3 settings come from the AWS_* variables",
     )
     serve.add_argument(
+        "--storage-grace",
+        type=float,
+        metavar="SECONDS",
+        help="how long another server may still be reading a superseded version or writing an unfinished one "
+        "in the same storage: removed only after that long (default: 600; 0: this server is the only writer)",
+    )
+    serve.add_argument(
         "--s3-endpoint",
         help="an S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
         "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS)",
@@ -439,6 +446,7 @@ def serve(args: argparse.Namespace) -> int:
         retain_seconds=args.retain_seconds,
         storage=None if args.storage == "none" else args.storage,
         s3_endpoint=args.s3_endpoint,
+        **({} if args.storage_grace is None else {"storage_grace": args.storage_grace}),
         persist=args.persist,
         endpoint_bytes=parse_bytes(args.endpoint_bytes),
         shm=args.shm,
@@ -732,6 +740,9 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     lost = s.get("recovery", {}).get("incomplete_versions", [])
     if lost:  # write-backs a crash cut short: acknowledged in memory, never committed to storage
         lines.append(["lost at the last start", ", ".join(f"{v['name']} v{v['version']}" for v in lost)])
+    corrupt = s.get("recovery", {}).get("corrupt", [])
+    if corrupt:  # manifests that cannot be read: their files are kept for inspection
+        lines.append(["corrupt in storage", ", ".join(f"{c['name']} v{c['version']} ({c['uri']})" for c in corrupt)])
     per = [
         [
             name,

@@ -1,7 +1,7 @@
 """Dataset names: the grammar the client, the server and storage all check.
 
-Names are paths of lowercase segments (``logs/2026-11-24/parsed``); a segment like ``v12`` is reserved
-because storage keeps version 12 of a dataset in ``<name>/v12/``.
+Names are paths of lowercase segments (``logs/2026-11-24/parsed``); a segment like ``v12`` or
+``v12-0af3c9d1`` is reserved because storage keeps version 12 of a dataset in ``<name>/v12-<writer>/``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from .errors import InvalidNameError
 MAX_NAME_LENGTH = 200
 _SEGMENT = r"[a-z0-9_][a-z0-9_.\-]*"
 _NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
-_RESERVED = re.compile(r"v[0-9]+")  # storage keeps version N of a dataset in <name>/vN/
+VERSION_SEGMENT = r"v([0-9]+)(?:-([0-9a-f]{1,32}))?"  # storage keeps version N in <name>/vN-<writer>/ (or vN/)
+_RESERVED = re.compile(VERSION_SEGMENT)
 NAME_GRAMMAR = (
     "lowercase letters, digits, '_', '.' and '-', with '/' between namespace segments; "
-    "each segment starts with a letter, digit or '_' and is not 'v' followed by digits; at most 200 characters "
+    "each segment starts with a letter, digit or '_' and is not 'v' followed by digits (and '-' and hex digits); "
+    "at most 200 characters "
     "(for example 'logs/2026-11-24/parsed')"
 )
 

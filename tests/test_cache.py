@@ -358,7 +358,7 @@ def test_kill_9_keeps_sync_data_and_cleans_half_written(tmp_path: Path) -> None:
     half.mkdir(parents=True)
     (half / "part-00000.parquet").write_bytes(b"PAR1 torn")
     stop_server(proc, signal.SIGKILL)
-    proc, uri = start_server("--storage", str(storage_dir))
+    proc, uri = start_server("--storage", str(storage_dir), "--storage-grace", "0")  # the only writer
     try:
         c = flightcache.connect(uri)
         assert [d["name"] for d in c.list()] == ["durable"]

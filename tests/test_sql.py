@@ -190,7 +190,7 @@ def test_into_persists_like_a_put(tmp_path: Path) -> None:
     with running(storage=str(tmp_path / "storage")) as (_, c):
         c.sql("SELECT range AS i FROM range(1000)", into="gen/ints", persist="sync")
         assert c.info("gen/ints")["state"] == "persisted"
-        assert list((tmp_path / "storage" / "gen" / "ints").glob("v1/manifest.json"))
+        assert list((tmp_path / "storage" / "gen" / "ints").glob("v1-*/manifest.json"))
 
 
 # -- errors and safety -----------------------------------------------------------------------------

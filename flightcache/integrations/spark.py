@@ -23,8 +23,10 @@ attempts as one new version, and a failed job discards them, so readers never se
 
 from __future__ import annotations
 
+import atexit
 import operator
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -220,7 +222,8 @@ class _Options:
         )
 
     def client(self) -> Client:
-        return Client(self.uri, token=self.token, tls_ca=self.tls_ca, shm=self.shm)
+        """This process's client for these settings: one per Python worker, reused by its tasks."""
+        return _client(self.uri, self.token, self.tls_ca, self.shm)
 
     @contextmanager
     def context(self, doing: str) -> Iterator[None]:
@@ -241,6 +244,31 @@ class _Options:
         if isinstance(e, FlightcacheError):
             return type(e)(f"cannot {doing} dataset {self.name!r} on the flightcache server at {self.uri}: {e}")
         return e
+
+
+# One client per process and settings: a client per partition and per task was a connection each, never
+# closed. Spark reuses its Python workers (spark.python.worker.reuse), so a worker's tasks share it; a
+# forked child makes its own (the key has the pid: a gRPC channel does not survive a fork).
+_clients: dict[tuple[int, str, str | None, bytes | None, bool], Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(uri: str, token: str | None, tls_ca: bytes | None, shm: bool) -> Client:
+    key = (os.getpid(), uri, token, tls_ca, shm)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = Client(uri, token=token, tls_ca=tls_ca, shm=shm)
+        return client
+
+
+@atexit.register
+def _close_clients() -> None:
+    with _clients_lock:
+        clients = [c for key, c in _clients.items() if key[0] == os.getpid()]
+        _clients.clear()
+    for client in clients:
+        client.close()
 
 
 # -- types -----------------------------------------------------------------------------------------

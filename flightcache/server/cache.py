@@ -32,12 +32,14 @@ from ..units import DEFAULT_BATCH_ROWS
 from .allocator import TRIM_BYTES, process_memory, release_memory
 from .catalog import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, VersionRecord
 from .shm import SharedMemory
-from .storage import Storage, read_external
+from .storage import Storage, check_storable, read_external, unstorable
 from .store import StagedPut, Store, Version
 
 log = logging.getLogger("flightcache.cache")
 
 PERSIST_MODES = ("none", "sync", "async")
+CORRUPT_IN_STORAGE = "corrupt-in-storage"  # the state `info` gives a name whose stored manifest cannot be read
+
 
 class Cache:
     """Coordinates a Store and an optional Storage."""
@@ -81,7 +83,7 @@ class Cache:
             target=self._sweep_loop, args=(sweep_seconds,), daemon=True, name="flightcache-ttl"
         )
         self._sweeper.start()
-        self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": []}
+        self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": [], "corrupt": []}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -91,15 +93,24 @@ class Cache:
         A version directory without a manifest that is newer than its dataset's committed version is
         a write that never finished (a write-back cut short by ``kill -9``, say): it is reported, in
         the log and in ``stats()["recovery"]``, and removed; the dataset comes back at its committed
-        version, if any, never half-present.
+        version, if any, never half-present. Removals follow storage's rules for several writers
+        (``storage.py``): a directory changed within ``grace_seconds`` is left, another server may be
+        writing it.
         """
         if self.storage is None:
             return self.recovery
-        manifests = self.storage.catalog()
+        manifests, corrupt = self.storage.survey()  # corrupt manifests: reported, their files left as they are
         committed = {m.name: m.version for m in manifests}
         incomplete: list[dict[str, Any]] = []
         removed: list[str] = []
         for path in self.storage.orphans():
+            if not self.storage.settled(path):  # changed within the grace period: another server may be writing it
+                log.info(
+                    "leaving %s: written to less than %.0f s ago",
+                    self.storage.describe(path),
+                    self.storage.grace_seconds,
+                )
+                continue
             name, number = self.storage.version_of(path)
             if number > committed.get(name, 0):
                 incomplete.append({"name": name, "version": number, "uri": self.storage.describe(path)})
@@ -114,7 +125,7 @@ class Cache:
             removed.append(self.storage.describe(path))
         for m in manifests:
             self.store.add_stored(VersionRecord(m.name, m.version, m.schema, m.rows, m.bytes, m.created))
-        removed += self.storage.clean(manifests)
+        removed += self.storage.clean(manifests, keep=[c["uri"] for c in corrupt])
         if manifests or removed:
             log.info(
                 "recovered %d datasets from %s; removed %d unfinished or old versions",
@@ -122,7 +133,12 @@ class Cache:
                 self.storage.uri,
                 len(removed),
             )
-        self.recovery = {"datasets": len(manifests), "removed": removed, "incomplete_versions": incomplete}
+        self.recovery = {
+            "datasets": len(manifests),
+            "removed": removed,
+            "incomplete_versions": incomplete,
+            "corrupt": corrupt,
+        }
         return self.recovery
 
     def close(self, flush: bool = True) -> None:
@@ -162,6 +178,18 @@ class Cache:
             )
         return mode
 
+    def check_storable(self, name: str, schema: pa.Schema, persist: str | None) -> None:
+        """Refuse now, before any data arrives, a put to be persisted whose schema storage cannot hold."""
+        if self._persist_mode(persist) != "none":
+            check_storable(name, schema)
+
+    def _unspillable(self, version: Version) -> str | None:
+        """Why ``version`` can never leave memory through storage (its schema), or None."""
+        if self.storage is None:
+            return None
+        reason = unstorable(version.schema)
+        return None if reason is None else f"never evicted: {reason}"
+
     # -- writes ----------------------------------------------------------------------------
 
     def publish(self, staged: StagedPut, *, persist: str | None = None, ttl: float | None = None) -> Version:
@@ -169,6 +197,7 @@ class Cache:
         mode = self._persist_mode(persist)
         if ttl is not None and ttl <= 0:
             raise InvalidRequestError(f"ttl of dataset {staged.name!r} must be positive, got {ttl}")
+        self.check_storable(staged.name, staged.schema, mode)
         if staged.mode == "append" and self.store.stored(staged.name) is not None:
             self.get(staged.name)  # an append needs the stored rows in memory
         with self._locked(staged.name):
@@ -245,19 +274,51 @@ class Cache:
         return version
 
     def info(self, name: str) -> dict[str, Any]:
-        """What the ``info`` action answers for ``name``."""
-        return self.store.info(name).to_dict()
+        """What the ``info`` action answers for ``name`` (a name whose only stored manifest is corrupt too)."""
+        corrupt = [c for c in self.recovery["corrupt"] if c["name"] == name]
+        try:
+            info = self._described(self.store.info(name).to_dict())
+        except DatasetNotFoundError:
+            if not corrupt:
+                raise
+            newest = corrupt[-1]
+            return {
+                "name": name,
+                "version": newest["version"],
+                "state": CORRUPT_IN_STORAGE,
+                "in_memory": False,
+                "persist_error": newest["error"],
+                "corrupt_in_storage": corrupt,
+            }
+        return {**info, "corrupt_in_storage": corrupt}
 
     def list(self) -> list[dict[str, Any]]:
         """What the ``list`` action answers: every dataset's info."""
-        return [i.to_dict() for i in self.store.list()]
+        return [self._described(i.to_dict()) for i in self.store.list()]
+
+    def _described(self, info: dict[str, Any]) -> dict[str, Any]:
+        """``info`` with what the cache adds: why the dataset cannot be spilled, if it cannot."""
+        version = self.store.current(info["name"]) if info["in_memory"] else None
+        unspillable = None
+        if version is not None and info["persisted_version"] != version.number:
+            unspillable = self._unspillable(version)
+        return {**info, "unspillable": unspillable}
 
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from memory and from storage."""
         with self._locked(name):
-            info = self.store.drop(name)
+            corrupt = [c for c in self.recovery["corrupt"] if c["name"] == name]
+            try:
+                info = self.store.drop(name)
+            except DatasetNotFoundError:
+                if not corrupt or self.storage is None:
+                    raise
+                info = None  # only a corrupt manifest is left of it: dropping removes its files
             if self.storage is not None:
                 self.storage.delete(name)
+            self.recovery["corrupt"] = [c for c in self.recovery["corrupt"] if c["name"] != name]
+        if info is None:
+            return {"name": name, "version": corrupt[-1]["version"], "bytes": 0}
         return {"name": info.name, "version": info.version, "bytes": info.nbytes}
 
     # -- reads -----------------------------------------------------------------------------
@@ -306,7 +367,7 @@ class Cache:
             return self.store.get(name)  # loaded meanwhile
         assert self.storage is not None
         started = time.perf_counter()
-        manifest = self.storage.manifest(name)
+        manifest = self.storage.manifest(name, stored.number)
         if manifest is None or manifest.version != stored.number:
             raise StorageError(
                 f"version {stored.number} of dataset {name!r} is missing from {self.storage.uri}; "
@@ -326,13 +387,14 @@ class Cache:
 
     # -- persistence -----------------------------------------------------------------------
 
-    def _schedule(self, version: Version) -> None:
+    def _schedule(self, version: Version) -> Future[None]:
         assert self._pool is not None
         self.store.set_state(version.name, version.number, PERSISTING)
         future = self._pool.submit(self._persist_current, version.name, version.number)
         with self._guard:
             self._pending[version.name] = future
         future.add_done_callback(functools.partial(self._forget, version.name))
+        return future
 
     def _forget(self, name: str, future: Future[None]) -> None:
         with self._guard:
@@ -353,33 +415,36 @@ class Cache:
             assert self.storage is not None
             started = time.perf_counter()
             try:
+                check_storable(name, version.schema)
                 self.storage.write_version(name, number, version.schema, version.batches)
-            except FlightcacheError as e:
-                log.error("persisting %s v%d failed: %s", name, number, e)
-                self.store.set_state(name, number, PERSIST_FAILED, str(e))
-                raise
+            except Exception as e:  # whatever failed, the dataset must not look safe or in progress
+                error = e if isinstance(e, FlightcacheError) else StorageError(f"{type(e).__name__}: {e}")
+                log.error("persisting %s v%d failed: %s", name, number, error)
+                self.store.set_state(name, number, PERSIST_FAILED, str(error))
+                raise error from e
             self.store.set_state(name, number, PERSISTED)
             self.store.count(name, bytes_persisted=version.nbytes, persist_s=time.perf_counter() - started)
 
     def persist(self, name: str, wait: bool = True) -> dict[str, Any]:
-        """Persist the current version of ``name`` now (or wait for its pending write-back)."""
+        """Persist the current version of ``name`` now (or wait for its pending write-back).
+
+        With ``wait``, a write-back that fails raises its error (the state is then persist-failed).
+        """
         self._persist_mode("sync")  # needs storage
         with self._guard:
             pending = self._pending.get(name)
         if pending is not None:
             if wait:
-                pending.exception()
+                _raise_failure(pending)
         else:
             version = self.store.current(name)
             if version is None:
                 self.store.info(name)  # raises if unknown; else it is in storage already
             elif self.store.info(name).persisted_version != version.number:
-                self._schedule(version)
-                with self._guard:
-                    pending = self._pending.get(name)
-                if wait and pending is not None:
-                    pending.exception()
-        return self.store.info(name).to_dict()
+                pending = self._schedule(version)  # not looked up again: it may be done and forgotten already
+                if wait:
+                    _raise_failure(pending)
+        return self.info(name)
 
     # -- capacity --------------------------------------------------------------------------
 
@@ -391,6 +456,9 @@ class Cache:
                 break
             if not persisted and self.storage is None:
                 continue
+            version = self.store.current(name)
+            if not persisted and version is not None and self._unspillable(version) is not None:
+                continue  # storage cannot hold it: as if pinned (info says why)
             with self._guard:
                 lock = self._name_locks.setdefault(name, threading.RLock())
             if not lock.acquire(blocking=False):
@@ -466,7 +534,17 @@ class Cache:
             "pending_persists": pending,
             **writebacks,
             "storage": self.storage.uri if self.storage else None,
-            "recovery": {"incomplete_versions": self.recovery["incomplete_versions"]},
+            "recovery": {
+                "incomplete_versions": self.recovery["incomplete_versions"],
+                "corrupt": self.recovery["corrupt"],
+            },
             "per_dataset": details,
             "process": process_memory(),
         }
+
+
+def _raise_failure(future: Future[None]) -> None:
+    """Wait for a write-back; raise what made it fail."""
+    error = future.exception()
+    if error is not None:
+        raise error

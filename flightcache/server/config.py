@@ -20,7 +20,7 @@ from .auth import Auth, Limits
 from .cache import Cache
 from .flight import DEFAULT_ENDPOINT_BYTES, DEFAULT_MAX_ENDPOINTS, FlightcacheServer
 from .shm import resolve as resolve_shm
-from .storage import DEFAULT_PART_BYTES, Storage
+from .storage import DEFAULT_PART_BYTES, DEFAULT_STORAGE_GRACE_SECONDS, Storage
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class ServerConfig:
     storage_retries: int = 5
     storage_backoff: float = 0.2
     storage_part_bytes: int = DEFAULT_PART_BYTES
+    storage_grace: float = DEFAULT_STORAGE_GRACE_SECONDS  # another writer's superseded versions live this long
     persist: str = "none"  # the default persist mode of a put: none, sync or async
     # reads
     endpoint_bytes: int = DEFAULT_ENDPOINT_BYTES
@@ -78,6 +79,7 @@ def build_server(config: ServerConfig, server_class: type[FlightcacheServer] = F
             retries=config.storage_retries,
             backoff=config.storage_backoff,
             part_bytes=config.storage_part_bytes,
+            grace_seconds=config.storage_grace,
         )
     cache = Cache(
         storage,

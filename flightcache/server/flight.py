@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from .. import __version__
-from ..errors import FlightcacheError, InvalidRequestError, PutAbortedError
+from ..errors import InvalidRequestError, PutAbortedError
 from ..protocol import (
     ACTIONS,
     CORE,
@@ -40,7 +40,6 @@ from ..protocol import (
     Ticket,
     descriptor_name,
     encode_schema,
-    error_to_flight,
 )
 from .adopt import adopt
 from .arrays import batch_nbytes
@@ -51,6 +50,7 @@ from .catalog import PERSIST_FAILED
 from .operations import MIDDLEWARE_KEY, Operations, draining_error, note
 from .storage import redacted
 from .store import Version
+from .translate import flight_error, translated_stream
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
@@ -90,21 +90,9 @@ def _translated(fn: F) -> F:
         try:
             return fn(self, context, *args)
         except Exception as e:
-            raise _flight_error(fn.__name__, e) from None
+            raise flight_error(fn.__name__, e) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _flight_error(where: str, e: Exception) -> flight.FlightError:
-    if isinstance(e, FlightcacheError):
-        return error_to_flight(e)  # the request log line has its code and message
-    if isinstance(e, flight.FlightError):
-        return e
-    log.error("%s failed", where, exc_info=e)
-    return flight.FlightInternalError(
-        f"[INTERNAL] internal server error in {where} ({type(e).__name__}: {e}); see the server log",
-        extra_info=b'{"code":"INTERNAL"}',
-    )
 
 
 class FlightcacheServer(flight.FlightServerBase):
@@ -261,19 +249,25 @@ class FlightcacheServer(flight.FlightServerBase):
             self._served(t.name, served)
             note(context, rows=sum(b.num_rows for b in batches), bytes=served)
             return flight.RecordBatchStream(reader)
-        counted = pa.RecordBatchReader.from_batches(reader.schema, self._counting(reader, t.name))
-        return flight.RecordBatchStream(counted)  # not GeneratorStream: it sends no dictionaries for no batches
+        # A GeneratorStream, so that an error while filtering reaches the client with its code (translate.py).
+        return flight.GeneratorStream(reader.schema, translated_stream("do_get", self._counting(reader, t)))
 
-    def _counting(self, reader: pa.RecordBatchReader, name: str) -> Iterator[pa.RecordBatch]:
+    def _counting(self, reader: pa.RecordBatchReader, t: Ticket) -> Iterator[pa.Table]:
         """A filtered read's batches, their bytes counted as served when the stream ends or is cut (not in
-        the request log: the call may be over by then)."""
+        the request log: the call may be over by then). Each is yielded as a one-batch table: a GeneratorStream
+        sends a table's dictionaries, a bare batch's not (measured with pyarrow 26: the client then fails)."""
         nbytes = 0
         try:
             for batch in reader:
+                if batch.num_rows == 0:
+                    continue
                 nbytes += batch_nbytes(batch)
-                yield batch
+                yield pa.Table.from_batches([batch])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            # The filter bound to the schema but fails on a value (divide_checked by a zero, say).
+            raise InvalidRequestError(f"cannot apply the filter to dataset {t.name!r}: {e}") from e
         finally:
-            self._served(name, nbytes)
+            self._served(t.name, nbytes)
 
     def _served(self, name: str, nbytes: int) -> None:
         self._count(bytes_served=nbytes)
@@ -303,6 +297,8 @@ class FlightcacheServer(flight.FlightServerBase):
         if options.name is not None and options.name != name:
             raise InvalidRequestError(f"put options name {options.name!r} differs from the descriptor's {name!r}")
         note(context, dataset=name, mode=options.mode, txn=options.txn)
+        if options.txn is None or options.persist is not None:  # a part's persistence is its commit's
+            self.cache.check_storable(name, reader.schema, options.persist)  # at the first message, not after the data
         staged = self.store.begin_put(name, reader.schema, options.mode)
         rows = received = 0
         ended: EndOfStream | None = None
@@ -497,7 +493,7 @@ class FlightcacheServer(flight.FlightServerBase):
             if kind == "progress":
                 yield json.dumps({"progress": value}).encode()
             elif kind == "error":
-                raise _flight_error("load", value)
+                raise flight_error("load", value)
             else:
                 log.info("loaded %s v%d from %s", value.name, value.number, redacted(request.uri))
                 yield json.dumps(value.summary()).encode()

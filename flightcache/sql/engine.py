@@ -64,9 +64,13 @@ _SQL_ERROR_INFO = b'{"code":"SQL_ERROR"}'
 class QueryTimeoutError(SqlError):
     """Internal: the watchdog interrupted a query that ran past its timeout."""
 
+    flight_class = flight.FlightTimedOutError  # how server/translate.py sends it
+
 
 class QueryCancelledError(SqlError):
     """Internal: the client cancelled the call, so the query was interrupted."""
+
+    flight_class = flight.FlightCancelledError
 
 
 @dataclass(frozen=True)

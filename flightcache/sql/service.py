@@ -11,7 +11,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,23 +22,19 @@ from .. import flightsql as fsql
 from ..errors import (
     InvalidRequestError,
     NotImplementedByServerError,
-    SqlError,
 )
 from ..names import validate_name
 from ..protocol import ACTIONS, SQL
 from ..server.cache import Cache
+from ..server.translate import translated_stream
 from .engine import (
     MAX_PARAMETER_BYTES,
     MAX_PARAMETER_SETS,
-    QueryCancelledError,
-    QueryTimeoutError,
     SqlEngine,
     SqlLimits,
 )
 
 log = logging.getLogger("flightcache.sql")
-
-_SQL_ERROR_INFO = b'{"code":"SQL_ERROR"}'
 
 # -- the Flight service --------------------------------------------------------------------------
 
@@ -119,7 +115,7 @@ class SqlService:
         name, cmd = fsql.unpack(ticket.ticket)
         if name == "TicketStatementQuery":
             q = self.engine.claim(cmd.statement_handle)
-            return flight.GeneratorStream(q.schema, _streamed(q.run(context)))
+            return flight.GeneratorStream(q.schema, translated_stream("do_get", q.run(context)))
         if name in _METADATA:
             return flight.RecordBatchStream(self._metadata(name, cmd))
         raise _unsupported(name)
@@ -196,10 +192,7 @@ class SqlService:
         param_sets: list[Any],
         timeout: float | None,
     ) -> flight.FlightInfo:
-        try:
-            q = self.engine.start(query, param_sets, timeout=timeout, context=context)
-        except SqlError as e:
-            raise _flight_error(e) from None
+        q = self.engine.start(query, param_sets, timeout=timeout, context=context)
         ticket = fsql.pack(fsql.message("TicketStatementQuery", statement_handle=q.handle))
         return flight.FlightInfo(q.schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
 
@@ -208,13 +201,10 @@ class SqlService:
             raise InvalidRequestError("the 'sql' action stores a result: give 'into'; read one with get_flight_info")
         validate_name(request.into)
         started = time.perf_counter()
-        try:
-            q = self.engine.start(request.query, [request.params], timeout=request.timeout, context=context)
-            version = self.engine.store(
-                q, request.into, mode=request.mode, persist=request.persist, ttl=request.ttl, context=context
-            )
-        except SqlError as e:
-            raise _flight_error(e) from None
+        q = self.engine.start(request.query, [request.params], timeout=request.timeout, context=context)
+        version = self.engine.store(
+            q, request.into, mode=request.mode, persist=request.persist, ttl=request.ttl, context=context
+        )
         log.info(
             "sql into %s v%d: %d rows, %d bytes in %.3fs",
             version.name,
@@ -227,10 +217,7 @@ class SqlService:
         return json.dumps(answer).encode()
 
     def _prepare(self, context: flight.ServerCallContext, query: str) -> bytes:
-        try:
-            schema, _ = self.engine.describe(query, context)
-        except SqlError as e:
-            raise _flight_error(e) from None
+        schema, _ = self.engine.describe(query, context)
         handle = secrets.token_bytes(16)
         now = time.monotonic()
         with self._lock:
@@ -308,23 +295,6 @@ class SqlService:
             fsql.SQL_ALL_TABLES_ARE_SELECTABLE: True,
             fsql.SQL_NULL_ORDERING: fsql.NULLS_SORTED_AT_END,
         }
-
-
-def _streamed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``batches`` with SQL errors as Flight errors: the server's translation does not reach a stream."""
-    try:
-        yield from batches
-    except SqlError as e:
-        raise _flight_error(e) from None
-
-
-def _flight_error(e: SqlError) -> flight.FlightError:
-    """DuckDB's message unchanged; the class tells a timeout and a cancellation from a failed query."""
-    if isinstance(e, QueryTimeoutError):
-        return flight.FlightTimedOutError(str(e), extra_info=_SQL_ERROR_INFO)
-    if isinstance(e, QueryCancelledError):
-        return flight.FlightCancelledError(str(e), extra_info=_SQL_ERROR_INFO)
-    return flight.FlightServerError(str(e), extra_info=_SQL_ERROR_INFO)
 
 
 def _no_transaction(cmd: Any) -> None:
