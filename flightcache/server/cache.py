@@ -29,7 +29,8 @@ import pyarrow as pa
 from ..errors import DatasetNotFoundError, FlightcacheError, InvalidRequestError, NotInMemoryError, StorageError
 from .allocator import TRIM_BYTES, process_memory, release_memory
 from .shm import SharedMemory
-from .storage import Storage, read_external
+from .sources import Sources
+from .storage import Storage
 from .store import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, StagedPut, Store, StoredVersion, Version
 
 log = logging.getLogger("flightcache.cache")
@@ -71,6 +72,7 @@ class Cache:
         )
         self._sweeper.start()
         self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": []}
+        self.sources = Sources(self)  # what loaded datasets were read from, and their refreshes
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -117,6 +119,7 @@ class Cache:
     def close(self, flush: bool = True) -> None:
         """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first."""
         self._stop.set()
+        self.sources.close()
         if flush:
             self.flush()
         if self._pool is not None:
@@ -218,31 +221,32 @@ class Cache:
         persist: str | None = None,
         ttl: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        refresh: str | float | None = None,
+        refresh_min_interval: float | None = None,
     ) -> Version:
-        """Load an external Parquet file or directory as dataset ``name``."""
+        """Load an external Parquet file or directory, or an Iceberg table, as dataset ``name`` (see ``sources``)."""
         endpoint = None
         if self.storage is not None and self.storage.uri.startswith("s3://") and uri.startswith("s3://"):
             endpoint = self.storage.s3_endpoint
-        started = time.perf_counter()
-        table = read_external(uri, s3_endpoint=endpoint, progress=progress)
-        staged = self.store.begin_put(name, table.schema, mode)
-        try:
-            for batch in table.to_batches():
-                staged.add(batch)
-            version = self.publish(staged, persist=persist, ttl=ttl)
-        except BaseException:
-            staged.abort()
-            raise
-        self.store.count(name, bytes_loaded=version.nbytes, load_s=time.perf_counter() - started)
-        return version
+        return self.sources.load(
+            name,
+            uri,
+            mode=mode,
+            persist=persist,
+            ttl=ttl,
+            progress=progress,
+            refresh=refresh,
+            refresh_min_interval=refresh_min_interval,
+            s3_endpoint=endpoint,
+        )
 
     def info(self, name: str) -> dict[str, Any]:
         """What the ``info`` action answers for ``name``."""
-        return self.store.info(name).to_dict()
+        return {**self.store.info(name).to_dict(), "source": self.sources.describe(name)}
 
     def list(self) -> list[dict[str, Any]]:
         """What the ``list`` action answers: every dataset's info."""
-        return [i.to_dict() for i in self.store.list()]
+        return [{**i.to_dict(), "source": self.sources.describe(i.name)} for i in self.store.list()]
 
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from memory and from storage."""
@@ -256,6 +260,8 @@ class Cache:
 
     def get(self, name: str, version: int | None = None, *, count: bool = False) -> Version:
         """A dataset version from memory, loading it from storage on a miss."""
+        if version is None:
+            self.sources.on_read(name)  # an on-read dataset checks its source first (never fails the read)
         try:
             v = self.store.get(name, version)
         except NotInMemoryError:
@@ -457,6 +463,7 @@ class Cache:
             **totals,
             "pending_persists": pending,
             **writebacks,
+            **self.sources.stats(),
             "storage": self.storage.uri if self.storage else None,
             "recovery": {"incomplete_versions": self.recovery["incomplete_versions"]},
             "per_dataset": details,
