@@ -11,13 +11,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import MotoS3, run_cli
 
 import flightcache
 from flightcache.errors import InvalidRequestError, StorageError
 from flightcache.server.flight import FlightcacheServer
 from flightcache.server.storage import filesystem
-
-from conftest import MotoS3, run_cli
 
 pytestmark = pytest.mark.s3
 
