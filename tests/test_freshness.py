@@ -339,3 +339,26 @@ def test_spark_sees_new_rows_after_a_new_load(spark: Any, uri: str, client: flig
     df = reader.load("events")
     assert df.count() == 2000
     assert df.agg({"id": "max"}).collect()[0][0] == 1999
+
+
+def test_on_read_refresh_of_an_evicted_dataset(tmp_path: Path) -> None:
+    """An on-read dataset evicted to the storage tier: the read's check brings it back, appends the new file
+    and persists the new version (the check's own read of the dataset does not wait for itself)."""
+    from flightcache.server.storage import Storage
+    from flightcache.server.store import Store
+
+    data = tmp_path / "lake"
+    data.mkdir()
+    pq.write_table(part(0), data / "a.parquet")
+    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), storage=Storage(str(tmp_path / "storage")))
+    try:
+        with flightcache.connect(f"grpc://127.0.0.1:{srv.port}") as client:
+            client.load("events", str(data), persist="sync", refresh="on-read", refresh_min_interval=0)
+            client.evict("events")
+            assert client.info("events")["state"] == "in-storage-only"
+            pq.write_table(part(1000), data / "b.parquet")
+            assert ids(client.get("events")) == list(range(2000))
+            info = client.info("events")
+            assert info["source"]["last_refresh"] == "incremental" and info["state"] == "persisted"
+    finally:
+        srv.shutdown()

@@ -344,6 +344,7 @@ class Tracked:
     error: str | None = None
     last_refresh: str | None = None  # incremental or full
     running: Future[dict[str, Any]] | None = None
+    running_in: int | None = None  # the thread running the check: its own reads do not wait for it
     counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -447,6 +448,9 @@ class Sources:
     def _check(self, tracked: Tracked, *, force: bool, raise_errors: bool) -> dict[str, Any]:
         with self._lock:
             future = tracked.running
+            if future is not None and tracked.running_in == threading.get_ident():
+                # The check itself reads the dataset (an append to an evicted one loads it first).
+                return {"name": tracked.name, "refreshed": "skipped"}
             leader = future is None
             if leader:
                 now = self._clock()
@@ -454,6 +458,7 @@ class Sources:
                     return {"name": tracked.name, "refreshed": "skipped"}
                 tracked.check_started = now
                 future = tracked.running = Future()
+                tracked.running_in = threading.get_ident()
         assert future is not None
         if not leader:
             try:
@@ -473,7 +478,7 @@ class Sources:
             return {"name": tracked.name, "refreshed": "failed"}
         finally:
             with self._lock:
-                tracked.running = None
+                tracked.running, tracked.running_in = None, None
 
     def _run_check(self, tracked: Tracked) -> dict[str, Any]:
         name, started = tracked.name, self._clock()
