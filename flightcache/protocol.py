@@ -365,7 +365,10 @@ _BODIES = {
     "CancelQuery": "ActionCancelQueryRequest (Flight SQL)",
 }
 _SUMMARY = '{"name", "version", "rows", "bytes"}'
-_INFO = "the dataset's info: name, state, version, rows, bytes, schema, times, pins, TTL, persist_error"
+_INFO = (
+    "the dataset's info: name, state, version, rows, bytes, schema, times, pins, TTL, persist_error, "
+    "source (a loaded dataset's URI, refresh policy, last check, staleness)"
+)
 
 ACTIONS: dict[str, Action] = {
     a.name: a
