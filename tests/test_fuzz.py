@@ -307,6 +307,8 @@ body_fields: dict[str, st.SearchStrategy[Any]] = {
     "params": json_values,
     "into": names,
     "timeout": json_values,
+    "refresh": st.sampled_from(["manual", "on-read", "60", "0", "-1", "soon"]) | json_values,
+    "refresh_min_interval": json_values,
 }
 ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "drop": {"name": "fuzz/a"},
@@ -320,6 +322,7 @@ ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "evict": {"name": "fuzz/a"},
     "persist": {"name": "fuzz/a", "wait": True},
     "load": {"name": "fuzz/l", "uri": PARQUET},
+    "refresh": {"name": "fuzz/l"},
     "commit": {"txn": "t1", "name": "fuzz/a"},
     "abort": {"txn": "t1"},
     "sql": {"query": f'SELECT * FROM "{SENTINEL}"', "into": "fuzz/q"},
