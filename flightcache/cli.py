@@ -200,9 +200,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("name")
     load.add_argument(
-        "source", metavar="URI", help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it"
+        "source",
+        metavar="URI",
+        help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it, or an Iceberg table "
+        "iceberg://CATALOG/NAMESPACE.TABLE (a catalog of pyiceberg's configuration on the server)",
     )
     _write_flags(load)
+    load.add_argument(
+        "--refresh",
+        metavar="POLICY",
+        help="how the dataset follows its source: manual (only 'flightcache refresh'), on-read (a read checks "
+        "the source first) or a period in seconds (checked in the background) (default: manual)",
+    )
+    load.add_argument(
+        "--refresh-min-interval",
+        type=float,
+        metavar="SECONDS",
+        help="on-read: at most one check of the source per this many seconds (default: 5)",
+    )
+    sub.add_parser(
+        "refresh",
+        parents=[common],
+        help="check a loaded dataset's source now",
+        description="Check the source a dataset was loaded from: new files are appended, changed or removed "
+        "ones reloaded.",
+    ).add_argument("name")
 
     persist = sub.add_parser(
         "persist",
@@ -561,12 +583,21 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
             d["state"] + (", pinned" if d["pinned"] else ""),
             _time(d["created"]),
             _time(d["last_read"]),
+            *_source_columns(d.get("source")),
         ]
         for d in datasets
     ]
-    header = ["NAME", "VERSION", "ROWS", "SIZE", "STATE", "CREATED", "LAST READ"]
+    header = ["NAME", "VERSION", "ROWS", "SIZE", "STATE", "CREATED", "LAST READ", "SOURCE", "CHECKED", "FRESH"]
     _emit(args, datasets, _table(header, rows) if rows else "no datasets")
     return 0
+
+
+def _source_columns(source: dict[str, Any] | None) -> list[str]:
+    """SOURCE, CHECKED, FRESH of a dataset made by load (dashes for one made by a put)."""
+    if source is None:
+        return ["-", "-", "-"]
+    fresh = "stale" if source["stale"] else f"yes ({source['refresh']})"
+    return [source["uri"], _time(source["checked"]), fresh]
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
@@ -583,6 +614,7 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
             + (f" (persisted version {d['persisted_version']})" if d["persisted_version"] else ""),
             *([f"error:     {d['persist_error']}"] if d["persist_error"] else []),
             *([f"expires:   {_time(d['expires'])}"] if d["expires"] else []),
+            *_source_lines(d.get("source")),
             "activity:  " + ", ".join(_counter(k, v) for k, v in d["counters"].items()),
             "schema:",
             "  " + d["schema"].replace("\n", "\n  "),
@@ -590,6 +622,19 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     )
     _emit(args, d, text)
     return 0
+
+
+def _source_lines(s: dict[str, Any] | None) -> list[str]:
+    if s is None:
+        return []
+    return [
+        f"source:    {s['uri']} ({s['files']} files, {format_bytes(s['source_bytes'])}"
+        + (f", snapshot {s['snapshot']}" if s["snapshot"] is not None else "")
+        + f"), refresh {s['refresh']}",
+        f"checked:   {_time(s['checked'])}; matched the source {s['staleness_s']:.0f} s ago"
+        + (" (STALE)" if s["stale"] else ""),
+        *([f"refresh error: {s['error']}"] if s["error"] else []),
+    ]
 
 
 def cmd_put(client: Client, args: argparse.Namespace) -> int:
@@ -656,7 +701,16 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
         bar.label = f"load {args.name}: {done}/{total} files"
         bar.update(0, 0)
 
-    result = client.load(args.name, args.source, args.mode, persist=args.persist, ttl=args.ttl, progress=progress)
+    result = client.load(
+        args.name,
+        args.source,
+        args.mode,
+        persist=args.persist,
+        ttl=args.ttl,
+        progress=progress,
+        refresh=args.refresh,
+        refresh_min_interval=args.refresh_min_interval,
+    )
     bar.close()
     _emit(
         args,
@@ -664,6 +718,13 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
         f"loaded {result['name']}: version {result['version']}, {result['rows']:,} rows, "
         f"{format_bytes(result['bytes'])}",
     )
+    return 0
+
+
+def cmd_refresh(client: Client, args: argparse.Namespace) -> int:
+    d = client.refresh(args.name)
+    what = {"none": "unchanged", "incremental": f"{d['files_added']} new file(s) appended", "full": "reloaded"}
+    _emit(args, d, f"{d['name']} version {d['version']}: {what.get(d['refreshed'], d['refreshed'])}")
     return 0
 
 
@@ -828,6 +889,7 @@ COMMANDS = {
     "stats": cmd_stats,
     "load": cmd_load,
     "persist": cmd_persist,
+    "refresh": cmd_refresh,
     "pin": cmd_pin,
     "unpin": cmd_pin,
     "evict": cmd_pin,

@@ -539,15 +539,29 @@ class Client:
         persist: str | None = None,
         ttl: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        refresh: str | float | None = None,
+        refresh_min_interval: float | None = None,
     ) -> dict[str, Any]:
         """Have the server load external Parquet (a file or a directory, hive partitions too) as ``name``.
 
-        ``uri``: any pyarrow filesystem URI the server can reach (``s3://bucket/path/``, a path).
-        ``progress(files_done, files)`` is called as the server reads the files, in parallel.
+        ``uri``: any pyarrow filesystem URI the server can reach (``s3://bucket/path/``, a path), or an
+        Iceberg table ``iceberg://CATALOG/NAMESPACE.TABLE`` (a catalog of pyiceberg's configuration on the
+        server). ``progress(files_done, files)`` is called as the server reads the files, in parallel.
+        ``refresh``: how the dataset follows its source: ``"manual"`` (default: only ``refresh()``),
+        ``"on-read"`` (a read checks first, at most once per ``refresh_min_interval`` seconds, default 5)
+        or a period in seconds (the server checks in the background).
         """
-        request = LoadRequest(validate_name(name), uri, mode, persist, ttl)
+        request = LoadRequest(validate_name(name), uri, mode, persist, ttl, refresh, refresh_min_interval)
         report = (lambda p: progress(p["files_done"], p["files"])) if progress is not None else None
         return self._action("load", request, on_progress=report)
+
+    def refresh(self, name: str) -> dict[str, Any]:
+        """Check a loaded dataset's source now: new files are appended, changed or removed ones reloaded.
+
+        Returns ``{"name", "refreshed": "none"|"incremental"|"full", "version", "files_added", "bytes_read"}``;
+        a failed check raises (the server keeps the version it holds and marks the dataset stale).
+        """
+        return self._action("refresh", NameRequest(validate_name(name)))
 
     def persist(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Persist a dataset's current version to storage now; with ``wait``, return once committed."""

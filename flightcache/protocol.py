@@ -225,15 +225,26 @@ class CommitRequest(_Message):
 
 @dataclass(frozen=True)
 class LoadRequest(_Message):
-    """Load external Parquet (a file or a directory, hive partitions too) as a dataset."""
+    """Load external Parquet (a file or a directory, hive partitions too) or an Iceberg table as a dataset;
+    ``refresh``: manual, on-read or a period in seconds (see ``flightcache.server.sources``)."""
 
     name: str
     uri: str
     mode: str = "overwrite"
     persist: str | None = None
     ttl: float | None = None
+    refresh: str | float | None = None
+    refresh_min_interval: float | None = None
 
-    _types = {"name": (str,), "uri": (str,), "mode": (str,), "persist": (str,), "ttl": (int, float)}
+    _types = {
+        "name": (str,),
+        "uri": (str,),
+        "mode": (str,),
+        "persist": (str,),
+        "ttl": (int, float),
+        "refresh": (str, int, float),
+        "refresh_min_interval": (int, float),
+    }
     _what = "load request"
 
 
@@ -367,7 +378,9 @@ _BODIES = {
     "commit": '{"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all), "schema": B64, '
     '"persist": MODE, "ttl": SECONDS}',
     "abort": '{"txn": ID}',
-    "load": '{"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS}',
+    "load": '{"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS, '
+    '"refresh": manual|on-read|SECONDS, "refresh_min_interval": SECONDS}',
+    "refresh": _NAME_BODY,
     "persist": '{"name": NAME, "wait": true}',
     "shm": '{"name": NAME, "version": N (default: the current one)}',
     "adopt": '{"name": NAME, "nbytes": BYTES} or {"name": NAME, "path": PATH, "rows": ROWS, "mode": MODE, '
@@ -380,7 +393,10 @@ _BODIES = {
     "CancelQuery": "ActionCancelQueryRequest (Flight SQL)",
 }
 _SUMMARY = '{"name", "version", "rows", "bytes"}'
-_INFO = "the dataset's info: name, state, version, rows, bytes, schema, times, pins, TTL, persist_error"
+_INFO = (
+    "the dataset's info: name, state, version, rows, bytes, schema, times, pins, TTL, persist_error, "
+    "source (a loaded dataset's URI, refresh policy, last check, staleness)"
+)
 
 ACTIONS: dict[str, Action] = {
     a.name: a
@@ -401,6 +417,9 @@ ACTIONS: dict[str, Action] = {
                '{"txn", "parts_discarded"}', WRITE),
         Action("load", "Load external Parquet (file or directory, hive partitions) as a dataset.", LoadRequest,
                '{"progress": {"files_done", "files"}} results, then ' + _SUMMARY, WRITE, streams=True),
+        Action("refresh", "Check a loaded dataset's source now; append new files or reload what changed.",
+               NameRequest, '{"name", "refreshed": none|incremental|full, "version", "files_added", "bytes_read"}',
+               WRITE),
         Action("persist", "Persist a dataset now.", PersistRequest,
                '{"name", "version", "state", "persist_error"}', WRITE),
         Action("pin", "Keep a dataset in memory: never evicted.", NameRequest, _INFO, WRITE),

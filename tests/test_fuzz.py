@@ -318,6 +318,8 @@ body_fields: dict[str, st.SearchStrategy[Any]] = {
     "rows": json_values,
     # adopt: paths outside the server's shared-memory directory must be refused and left alone
     "path": st.sampled_from(["/etc/passwd", "/dev/shm", f"/dev/shm/in-{'0' * 32}.arrow", ""]) | st.text(max_size=20),
+    "refresh": st.sampled_from(["manual", "on-read", "60", "0", "-1", "soon"]) | json_values,
+    "refresh_min_interval": json_values,
 }
 ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "drop": {"name": "fuzz/a"},
@@ -331,6 +333,7 @@ ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "evict": {"name": "fuzz/a"},
     "persist": {"name": "fuzz/a", "wait": True},
     "load": {"name": "fuzz/l", "uri": PARQUET},
+    "refresh": {"name": "fuzz/l"},
     "commit": {"txn": "t1", "name": "fuzz/a"},
     "abort": {"txn": "t1"},
     "sql": {"query": f'SELECT * FROM "{SENTINEL}"', "into": "fuzz/q"},

@@ -85,7 +85,8 @@ def test_every_action_is_declared_once_with_role_and_handler() -> None:
 
     handlers = {n.removeprefix("_do_") for n in dir(FlightcacheServer) if n.startswith("_do_")}
     assert handlers == {name for name, a in ACTIONS.items() if a.service == CORE}
-    assert {"drop", "load", "persist", "pin", "unpin", "evict", "commit", "abort", "adopt", "sql"} == WRITE_ACTIONS
+    writes = {"drop", "load", "refresh", "persist", "pin", "unpin", "evict", "commit", "abort", "adopt", "sql"}
+    assert writes == WRITE_ACTIONS
     for a in ACTIONS.values():
         assert a.role in (READ, WRITE) and "Body:" in a.describe() and "Role:" in a.describe()
 

@@ -115,6 +115,11 @@ def secured_server(directory: Path) -> Iterator[Secured]:
             c.put("t/b", logs_table(10))
             c.put("t/c", logs_table(5), txn="txn1")
             c.pin("t/b")
+            lake = directory / "lake"  # a loaded dataset whose source has a new file: a refresh appends it
+            lake.mkdir()
+            pq.write_table(logs_table(20), lake / "a.parquet")
+            c.load("t/lake", str(lake))
+            pq.write_table(logs_table(20, seed=1), lake / "b.parquet")
             ticket = c.flight_info("t/a").endpoints[0].ticket.ticket
             query = fsql.SqlRequest('SELECT count(*) AS n FROM "t/a"').to_command()
             sql_info = c.flight.get_flight_info(flight.FlightDescriptor.for_command(query))
@@ -265,6 +270,7 @@ WRITES: dict[str, Callable[..., object]] = {
         c.do_action(flight.Action("load", json.dumps({"name": "t/ext", "uri": str(s.external)}).encode()), o)
     ),
     "action_persist": _action("persist", {"name": "t/b"}),
+    "action_refresh": _action("refresh", {"name": "t/lake"}),
     "action_pin": _action("pin", {"name": "t/a"}),
     "action_unpin": _action("unpin", {"name": "t/b"}),
     "action_evict": _action("evict", {"name": "t/a"}),

@@ -32,7 +32,8 @@ from ..units import DEFAULT_BATCH_ROWS
 from .allocator import TRIM_BYTES, process_memory, release_memory
 from .catalog import IN_STORAGE_ONLY, PERSIST_FAILED, PERSISTED, PERSISTING, VersionRecord
 from .shm import SharedMemory
-from .storage import Storage, check_storable, read_external, unstorable
+from .sources import Sources
+from .storage import Storage, check_storable, unstorable
 from .store import StagedPut, Store, Version
 
 log = logging.getLogger("flightcache.cache")
@@ -84,6 +85,7 @@ class Cache:
         )
         self._sweeper.start()
         self.recovery: dict[str, Any] = {"datasets": 0, "removed": [], "incomplete_versions": [], "corrupt": []}
+        self.sources = Sources(self)  # what loaded datasets were read from, and their refreshes
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Cache:
     def close(self, flush: bool = True) -> None:
         """Stop the TTL sweeper; with ``flush``, wait for every pending write-back first."""
         self._stop.set()
+        self.sources.close()
         if flush:
             self.flush()
         if self._pool is not None:
@@ -162,7 +165,7 @@ class Cache:
                 future.exception()
 
     @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
+    def locked(self, name: str) -> Iterator[None]:
         with self._guard:
             lock = self._name_locks.setdefault(name, threading.RLock())
         with lock:
@@ -200,7 +203,7 @@ class Cache:
         self.check_storable(staged.name, staged.schema, mode)
         if staged.mode == "append" and self.store.stored(staged.name) is not None:
             self.get(staged.name)  # an append needs the stored rows in memory
-        with self._locked(staged.name):
+        with self.locked(staged.name):
             if mode == "sync":
                 version = self._publish_through(staged)
             else:
@@ -255,23 +258,24 @@ class Cache:
         persist: str | None = None,
         ttl: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        refresh: str | float | None = None,
+        refresh_min_interval: float | None = None,
     ) -> Version:
-        """Load an external Parquet file or directory as dataset ``name``."""
+        """Load an external Parquet file or directory, or an Iceberg table, as dataset ``name`` (see ``sources``)."""
         endpoint = None
         if self.storage is not None and self.storage.uri.startswith("s3://") and uri.startswith("s3://"):
             endpoint = self.storage.s3_endpoint
-        started = time.perf_counter()
-        table = read_external(uri, s3_endpoint=endpoint, progress=progress)
-        staged = self.store.begin_put(name, table.schema, mode)
-        try:
-            for batch in table.to_batches():
-                staged.add(batch)
-            version = self.publish(staged, persist=persist, ttl=ttl)
-        except BaseException:
-            staged.abort()
-            raise
-        self.store.count(name, bytes_loaded=version.nbytes, load_s=time.perf_counter() - started)
-        return version
+        return self.sources.load(
+            name,
+            uri,
+            mode=mode,
+            persist=persist,
+            ttl=ttl,
+            progress=progress,
+            refresh=refresh,
+            refresh_min_interval=refresh_min_interval,
+            s3_endpoint=endpoint,
+        )
 
     def info(self, name: str) -> dict[str, Any]:
         """What the ``info`` action answers for ``name`` (a name whose only stored manifest is corrupt too)."""
@@ -302,11 +306,11 @@ class Cache:
         unspillable = None
         if version is not None and info["persisted_version"] != version.number:
             unspillable = self._unspillable(version)
-        return {**info, "unspillable": unspillable}
+        return {**info, "unspillable": unspillable, "source": self.sources.describe(info["name"])}
 
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from memory and from storage."""
-        with self._locked(name):
+        with self.locked(name):
             corrupt = [c for c in self.recovery["corrupt"] if c["name"] == name]
             try:
                 info = self.store.drop(name)
@@ -325,6 +329,8 @@ class Cache:
 
     def get(self, name: str, version: int | None = None, *, count: bool = False) -> Version:
         """A dataset version from memory, loading it from storage on a miss."""
+        if version is None:
+            self.sources.on_read(name)  # an on-read dataset checks its source first (never fails the read)
         try:
             v = self.store.get(name, version)
         except NotInMemoryError:
@@ -405,7 +411,7 @@ class Cache:
 
     def _persist_current(self, name: str, number: int) -> None:
         """Write version ``number`` of ``name`` to storage if it is still the current one."""
-        with self._locked(name):
+        with self.locked(name):
             version = self.store.current(name)
             if version is None or version.number != number:
                 return  # dropped, evicted or superseded; a newer put has its own persistence
@@ -476,7 +482,7 @@ class Cache:
 
     def evict(self, name: str) -> dict[str, Any]:
         """Free the memory of a persisted dataset now."""
-        with self._locked(name):
+        with self.locked(name):
             version = self.store.current(name)
             if version is None:
                 return self.store.info(name).to_dict()
@@ -487,7 +493,7 @@ class Cache:
     def sweep(self) -> None:
         """Apply TTLs: evict expired persisted datasets, drop expired memory-only ones."""
         for name, number, persisted in self.store.expired():
-            with self._locked(name):
+            with self.locked(name):
                 try:
                     info = self.store.info(name)
                 except DatasetNotFoundError:
@@ -533,6 +539,7 @@ class Cache:
             **totals,
             "pending_persists": pending,
             **writebacks,
+            **self.sources.stats(),
             "storage": self.storage.uri if self.storage else None,
             "recovery": {
                 "incomplete_versions": self.recovery["incomplete_versions"],

@@ -403,6 +403,9 @@ class FlightcacheServer(flight.FlightServerBase):
         note(context, dataset=request.name, uri=redacted(request.uri))
         return self._load(request)
 
+    def _do_refresh(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
+        return self.cache.sources.refresh(request.name)
+
     def _do_persist(self, context: flight.ServerCallContext, request: PersistRequest) -> dict[str, Any]:
         return self.cache.persist(request.name, wait=request.wait)
 
@@ -481,6 +484,8 @@ class FlightcacheServer(flight.FlightServerBase):
                     mode=request.mode,
                     persist=request.persist,
                     ttl=request.ttl,
+                    refresh=request.refresh,
+                    refresh_min_interval=request.refresh_min_interval,
                     progress=lambda done, total: events.put(("progress", {"files_done": done, "files": total})),
                 )
                 events.put(("done", version))

@@ -31,6 +31,11 @@ COUNTERS = (
     ("flightcache_gets", "gets", "do_get streams started."),
     ("flightcache_writebacks", "writebacks_done", "Write-backs (async persists) that committed."),
     ("flightcache_writeback_failures", "writebacks_failed", "Write-backs that failed (state persist-failed)."),
+    ("flightcache_source_checks", "source_checks", "Checks of loaded datasets' sources (listings)."),
+    ("flightcache_source_check_failures", "source_check_failures", "Source checks or refreshes that failed."),
+    ("flightcache_refreshes_incremental", "refreshes_incremental", "Refreshes that appended only new files."),
+    ("flightcache_refreshes_full", "refreshes_full", "Refreshes that reloaded a dataset whole."),
+    ("flightcache_refresh_bytes", "refresh_bytes", "Arrow bytes read by refreshes."),
 )
 GAUGES = (
     ("flightcache_memory_used_bytes", "memory_used", "Bytes of distinct Arrow buffers held by datasets."),
@@ -42,6 +47,9 @@ GAUGES = (
     ("flightcache_pending_persists", "pending_persists", "Write-backs scheduled and not yet finished."),
     ("flightcache_requests_in_flight", "in_flight", "Flight calls running now (a do_get until its stream ends)."),
     ("flightcache_uptime_seconds", "uptime_s", "Seconds since the server started."),
+    ("flightcache_sources_stale", "sources_stale", "Loaded datasets whose last source check failed."),
+    ("flightcache_source_staleness_seconds", "source_staleness_s_max",
+     "Most seconds since a loaded dataset last matched its source."),
 )
 
 

@@ -616,10 +616,13 @@ def read_external(
     s3_endpoint: str | None = None,
     threads: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    paths: Sequence[str] | None = None,
+    schema: pa.Schema | None = None,
 ) -> pa.Table:
     """Read an external Parquet file or directory (hive partitions too) whole, files in parallel.
 
-    ``progress(done_files, total_files)`` is called as files finish.
+    ``progress(done_files, total_files)`` is called as files finish. ``paths``: read only these files
+    of the directory (as listed; hive partitions relative to ``uri``); ``schema``: the rows' schema.
     """
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -628,7 +631,12 @@ def read_external(
 
     def discover() -> ds.Dataset:
         try:
-            return ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+            if paths is not None:
+                return ds.dataset(
+                    list(paths), filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=path,
+                    schema=schema,
+                )
+            return ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive", schema=schema)
         except FileNotFoundError as e:
             raise StorageError(f"no Parquet files at {uri}: nothing exists there") from e
 
