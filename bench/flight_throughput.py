@@ -739,7 +739,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.serve:  # a server process: it imports only what it serves with
         return args
-    from flightcache.store import parse_bytes
+    from flightcache.units import parse_bytes
 
     args.size = parse_bytes(args.size or ("32MiB" if args.quick else "1GiB"))
     args.reps = args.reps if args.reps is not None else (1 if args.quick else 7)

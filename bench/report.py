@@ -18,7 +18,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = (
-    "flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "pipeline_shm_scale4", "spark_read", "load"
+    "flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "pipeline_shm_scale4", "spark_read", "load",
+    "handoff",
 )
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

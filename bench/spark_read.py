@@ -42,7 +42,7 @@ def main() -> int:
         args.size, args.pairs = "16MiB", 2
     out = args.out or (Path(tempfile.mkdtemp()) if args.quick else HERE.parent / "bench_results")
     import flightcache
-    from flightcache.store import parse_bytes
+    from flightcache.units import parse_bytes
 
     table = make_table(parse_bytes(args.size))
     samples: dict[str, list[float]] = {"shm": [], "stream": []}
@@ -55,7 +55,8 @@ def main() -> int:
 
         def read(shm: bool) -> float:
             started = time.perf_counter()
-            df = spark.read.format("flightcache").option("uri", server.uri).option("shm", str(shm).lower())
+            df = spark.read.format("flightcache-python")  # the Python source: it maps shared memory
+            df = df.option("uri", server.uri).option("shm", str(shm).lower())
             df.load(NAME).write.format("noop").mode("overwrite").save()
             return time.perf_counter() - started
 

@@ -5,8 +5,8 @@ Every path runs the same SQL text and returns a pyarrow Table in this process:
 
 * ``server``: ``client.sql(query)``: DuckDB inside the flightcache server (its own process) over the cached
   datasets, the result streamed back over Flight;
-* ``attach``: a local DuckDB over the server's datasets through ``flightcache.duck.attach`` (each scan pulls
-  the columns it needs, filtered on the server);
+* ``attach``: a local DuckDB over the server's datasets through ``flightcache.integrations.duck.attach``
+  (each scan pulls the columns it needs, filtered on the server);
 * ``s3-cloud``: a local DuckDB over ``pyarrow.dataset`` on the Parquet files in moto S3 behind
   ``bench/shaping.py``, which gives each request S3's first-byte latency and each connection S3's bandwidth
   (the pipeline benchmark's "cloud"; DuckDB's httpfs extension cannot be downloaded here, and DuckDB pushes
@@ -52,7 +52,7 @@ except ImportError:  # run as a script: bench/ is on sys.path
     from _common import machine_info, median, progress, sources_digest, start_proxy, write_json
 
 import flightcache
-from flightcache.duck import attach
+from flightcache.integrations.duck import attach
 
 SEED = 20261124
 MiB = 2**20
@@ -91,7 +91,7 @@ QUERIES: dict[str, tuple[str, str]] = {
 }
 PATHS: dict[str, str] = {
     "server": "flightcache client.sql (DuckDB in the server, over the cache)",
-    "attach": "local DuckDB over the server via flightcache.duck.attach",
+    "attach": "local DuckDB over the server via flightcache.integrations.duck.attach",
     "s3-cloud": "local DuckDB over pyarrow.dataset on moto S3 Parquet shaped like cloud S3",
     "s3": "local DuckDB over pyarrow.dataset on moto S3 Parquet (loopback, unshaped)",
     "parquet": "local DuckDB over local Parquet (read_parquet)",

@@ -398,11 +398,13 @@ class Server:
 def serve(spec: dict[str, Any]) -> None:
     """Server-process entry point: flightcache's server as ``flightcache serve`` builds it, plus timing
     wrappers and a 'bench.phases' action; prints {"port": N} and serves until stdin closes."""
-    from flightcache import cache as cache_module
-    from flightcache.cache import Cache
-    from flightcache.server import FlightcacheServer
-    from flightcache.storage import Storage
-    from flightcache.store import Store, parse_bytes
+    from flightcache.server import cache as cache_module
+    from flightcache.server.cache import Cache
+    from flightcache.server.config import ServerConfig, build_server
+    from flightcache.server.flight import FlightcacheServer
+    from flightcache.server.storage import Storage
+    from flightcache.server.store import Store
+    from flightcache.units import parse_bytes
 
     phases: dict[str, list[float]] = defaultdict(list)
     lock = threading.Lock()
@@ -446,8 +448,8 @@ def serve(spec: dict[str, Any]) -> None:
                 return [json.dumps({"rows": rows}).encode()]
             return super().do_action(context, action)
 
-    store = Store(parse_bytes(spec["memory_limit"]))
-    server = BenchServer("grpc://127.0.0.1:0", store=store, storage=Storage(spec["storage"]), shm="auto")
+    config = ServerConfig(memory_limit=parse_bytes(spec["memory_limit"]), storage=spec["storage"], shm="auto")
+    server = build_server(config, BenchServer)
     print(json.dumps({"port": server.port}), flush=True)
     sys.stdin.read()
     server.shutdown()
@@ -524,7 +526,7 @@ class Bench:
         return int(self.client.load(LOADED, f"s3://{RAW}/")["rows"])
 
     def read_external(self) -> int:
-        from flightcache.storage import read_external
+        from flightcache.server.storage import read_external
 
         return read_external(f"s3://{RAW}/", threads=self.args.threads).num_rows
 
@@ -960,7 +962,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.serve:
         return args
-    from flightcache.store import parse_bytes
+    from flightcache.units import parse_bytes
 
     args.size = parse_bytes(args.size or ("64MiB" if args.quick else "1GiB"))
     args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)

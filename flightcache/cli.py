@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from .auth import DEFAULT_MAX_ACTION_BYTES
-from .cache import PERSIST_MODES, mmap_large_allocations
 from .client import DEFAULT_URI, Client
 from .errors import FlightcacheError
-from .metrics import DEFAULT_GRACE_SECONDS, configure_logging
-from .store import DEFAULT_BATCH_ROWS, NAME_GRAMMAR, format_bytes, parse_bytes
+from .names import NAME_GRAMMAR
+from .server.allocator import mmap_large_allocations
+from .server.auth import DEFAULT_MAX_ACTION_BYTES
+from .server.cache import PERSIST_MODES
+from .server.logs import configure_logging
+from .server.operations import DEFAULT_GRACE_SECONDS
+from .units import DEFAULT_BATCH_ROWS, format_bytes, parse_bytes
 
 POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
 MEMORY_POOLS = ("system", "mimalloc", "jemalloc")
@@ -116,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "memory only (default: $FLIGHTCACHE_STORAGE or %(default)s). S3 settings come from the AWS_* variables",
     )
     serve.add_argument(
+        "--storage-grace",
+        type=float,
+        metavar="SECONDS",
+        help="how long another server may still be reading a superseded version or writing an unfinished one "
+        "in the same storage: removed only after that long (default: 600; 0: this server is the only writer)",
+    )
+    serve.add_argument(
         "--s3-endpoint",
         help="an S3-compatible endpoint, e.g. http://127.0.0.1:9000 "
         "(default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS)",
@@ -190,9 +200,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("name")
     load.add_argument(
-        "source", metavar="URI", help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it"
+        "source",
+        metavar="URI",
+        help="e.g. s3://bucket/logs/2026-11-24/ or /data/logs.parquet, as the server sees it, or an Iceberg table "
+        "iceberg://CATALOG/NAMESPACE.TABLE (a catalog of pyiceberg's configuration on the server)",
     )
     _write_flags(load)
+    load.add_argument(
+        "--refresh",
+        metavar="POLICY",
+        help="how the dataset follows its source: manual (only 'flightcache refresh'), on-read (a read checks "
+        "the source first) or a period in seconds (checked in the background) (default: manual)",
+    )
+    load.add_argument(
+        "--refresh-min-interval",
+        type=float,
+        metavar="SECONDS",
+        help="on-read: at most one check of the source per this many seconds (default: 5)",
+    )
+    sub.add_parser(
+        "refresh",
+        parents=[common],
+        help="check a loaded dataset's source now",
+        description="Check the source a dataset was loaded from: new files are appended, changed or removed "
+        "ones reloaded.",
+    ).add_argument("name")
 
     persist = sub.add_parser(
         "persist",
@@ -388,9 +420,9 @@ def _security_flags(serve: argparse.ArgumentParser) -> None:
     sql.add_argument("--sql-max-queries", type=int, metavar="N", help="queries running at once; more wait (8)")
 
 
-def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The scheme to serve and the FlightcacheServer arguments for the security flags."""
-    from .auth import Auth, Limits
+def _server_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerConfig fields of the security flags."""
+    from .server.auth import Auth, Limits
 
     options: dict[str, Any] = {
         "limits": Limits(
@@ -398,24 +430,21 @@ def _server_security(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             max_datasets=args.max_datasets,
             max_action_bytes=parse_bytes(args.max_action_bytes),
         ),
-        "auth": Auth.from_file(args.auth_token_file) if args.auth_token_file else None,
+        "credentials": Auth.from_file(args.auth_token_file) if args.auth_token_file else None,
     }
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("give both --tls-cert and --tls-key, or neither")
-    if not args.tls_cert:
-        return "grpc", options
-    import pyarrow.flight as flight
-
-    with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
-        options["tls_certificates"] = [flight.CertKeyPair(cert.read(), key.read())]
-    return "grpc+tls", options
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+            options["tls_cert"], options["tls_key"] = cert.read(), key.read()
+    return options
 
 
 def _sql_limits(args: argparse.Namespace) -> Any:
     """SqlLimits: the environment's, overridden by the --sql-* flags given."""
     from dataclasses import replace
 
-    from .sql import SqlLimits
+    from .sql.engine import SqlLimits
 
     flags = {
         "memory_limit": parse_bytes(args.sql_memory_limit) if args.sql_memory_limit else None,
@@ -429,26 +458,27 @@ def _sql_limits(args: argparse.Namespace) -> Any:
 def serve(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from .server import FlightcacheServer
-    from .storage import Storage
-    from .store import Store
+    from .server.config import ServerConfig, build_server
 
-    scheme, security = _server_security(args)
-    sql_limits = _sql_limits(args)
-    store = Store(parse_bytes(args.memory_limit), batch_rows=args.batch_rows, retain_seconds=args.retain_seconds)
-    storage = None if args.storage == "none" else Storage(args.storage, s3_endpoint=args.s3_endpoint)
-    server = FlightcacheServer(
-        f"{scheme}://{args.host}:{args.port}",
-        store=store,
-        storage=storage,
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        memory_limit=parse_bytes(args.memory_limit),
+        batch_rows=args.batch_rows,
+        retain_seconds=args.retain_seconds,
+        storage=None if args.storage == "none" else args.storage,
+        s3_endpoint=args.s3_endpoint,
+        **({} if args.storage_grace is None else {"storage_grace": args.storage_grace}),
         persist=args.persist,
         endpoint_bytes=parse_bytes(args.endpoint_bytes),
-        **security,
         shm=args.shm,
         shm_group=args.shm_group,
-        sql_limits=sql_limits,
+        sql=_sql_limits(args),
+        **_server_security(args),
     )
-    auth = security["auth"]
+    server = build_server(config)
+    store, storage, scheme = server.store, server.cache.storage, config.scheme
+    auth = config.credentials
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         if auth is None:
             log.warning(
@@ -458,7 +488,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("serving on %s with credentials but without TLS: tokens cross the network in clear", args.host)
     metrics = None
     if args.metrics_port is not None:
-        from .metrics import MetricsEndpoint
+        from .server.prometheus import MetricsEndpoint
 
         try:
             metrics = MetricsEndpoint(server, args.metrics_port, args.metrics_host)
@@ -553,12 +583,21 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
             d["state"] + (", pinned" if d["pinned"] else ""),
             _time(d["created"]),
             _time(d["last_read"]),
+            *_source_columns(d.get("source")),
         ]
         for d in datasets
     ]
-    header = ["NAME", "VERSION", "ROWS", "SIZE", "STATE", "CREATED", "LAST READ"]
+    header = ["NAME", "VERSION", "ROWS", "SIZE", "STATE", "CREATED", "LAST READ", "SOURCE", "CHECKED", "FRESH"]
     _emit(args, datasets, _table(header, rows) if rows else "no datasets")
     return 0
+
+
+def _source_columns(source: dict[str, Any] | None) -> list[str]:
+    """SOURCE, CHECKED, FRESH of a dataset made by load (dashes for one made by a put)."""
+    if source is None:
+        return ["-", "-", "-"]
+    fresh = "stale" if source["stale"] else f"yes ({source['refresh']})"
+    return [source["uri"], _time(source["checked"]), fresh]
 
 
 def cmd_info(client: Client, args: argparse.Namespace) -> int:
@@ -575,6 +614,7 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
             + (f" (persisted version {d['persisted_version']})" if d["persisted_version"] else ""),
             *([f"error:     {d['persist_error']}"] if d["persist_error"] else []),
             *([f"expires:   {_time(d['expires'])}"] if d["expires"] else []),
+            *_source_lines(d.get("source")),
             "activity:  " + ", ".join(_counter(k, v) for k, v in d["counters"].items()),
             "schema:",
             "  " + d["schema"].replace("\n", "\n  "),
@@ -582,6 +622,19 @@ def cmd_info(client: Client, args: argparse.Namespace) -> int:
     )
     _emit(args, d, text)
     return 0
+
+
+def _source_lines(s: dict[str, Any] | None) -> list[str]:
+    if s is None:
+        return []
+    return [
+        f"source:    {s['uri']} ({s['files']} files, {format_bytes(s['source_bytes'])}"
+        + (f", snapshot {s['snapshot']}" if s["snapshot"] is not None else "")
+        + f"), refresh {s['refresh']}",
+        f"checked:   {_time(s['checked'])}; matched the source {s['staleness_s']:.0f} s ago"
+        + (" (STALE)" if s["stale"] else ""),
+        *([f"refresh error: {s['error']}"] if s["error"] else []),
+    ]
 
 
 def cmd_put(client: Client, args: argparse.Namespace) -> int:
@@ -648,7 +701,16 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
         bar.label = f"load {args.name}: {done}/{total} files"
         bar.update(0, 0)
 
-    result = client.load(args.name, args.source, args.mode, persist=args.persist, ttl=args.ttl, progress=progress)
+    result = client.load(
+        args.name,
+        args.source,
+        args.mode,
+        persist=args.persist,
+        ttl=args.ttl,
+        progress=progress,
+        refresh=args.refresh,
+        refresh_min_interval=args.refresh_min_interval,
+    )
     bar.close()
     _emit(
         args,
@@ -656,6 +718,13 @@ def cmd_load(client: Client, args: argparse.Namespace) -> int:
         f"loaded {result['name']}: version {result['version']}, {result['rows']:,} rows, "
         f"{format_bytes(result['bytes'])}",
     )
+    return 0
+
+
+def cmd_refresh(client: Client, args: argparse.Namespace) -> int:
+    d = client.refresh(args.name)
+    what = {"none": "unchanged", "incremental": f"{d['files_added']} new file(s) appended", "full": "reloaded"}
+    _emit(args, d, f"{d['name']} version {d['version']}: {what.get(d['refreshed'], d['refreshed'])}")
     return 0
 
 
@@ -732,6 +801,9 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> int:
     lost = s.get("recovery", {}).get("incomplete_versions", [])
     if lost:  # write-backs a crash cut short: acknowledged in memory, never committed to storage
         lines.append(["lost at the last start", ", ".join(f"{v['name']} v{v['version']}" for v in lost)])
+    corrupt = s.get("recovery", {}).get("corrupt", [])
+    if corrupt:  # manifests that cannot be read: their files are kept for inspection
+        lines.append(["corrupt in storage", ", ".join(f"{c['name']} v{c['version']} ({c['uri']})" for c in corrupt)])
     per = [
         [
             name,
@@ -817,6 +889,7 @@ COMMANDS = {
     "stats": cmd_stats,
     "load": cmd_load,
     "persist": cmd_persist,
+    "refresh": cmd_refresh,
     "pin": cmd_pin,
     "unpin": cmd_pin,
     "evict": cmd_pin,

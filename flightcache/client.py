@@ -13,40 +13,54 @@ shipped to Spark or multiprocessing workers. Its settings include its credential
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
+import functools
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from pyarrow.flight import FlightCallOptions, FlightClient, FlightInfo  # in Client, `flight` is a property
 
-from .errors import InvalidRequestError, NotImplementedByServerError, ServerUnavailableError, UnauthenticatedError
+from .errors import (
+    InvalidRequestError,
+    MemoryFullError,
+    NotImplementedByServerError,
+    ServerUnavailableError,
+    UnauthenticatedError,
+    UnauthorizedError,
+)
+from .names import validate_name
 from .protocol import (
+    ACTIONS,
     AbortRequest,
+    AdoptRequest,
     CommitRequest,
     EndOfStream,
     LoadRequest,
+    NameRequest,
     PersistRequest,
     PutOptions,
     ReadRequest,
     ShmRequest,
     Ticket,
-    _Message,
     encode_schema,
     error_from_flight,
 )
 from .shm import SharedVersion, read_shared
-from .store import DEFAULT_BATCH_ROWS, validate_name
+from .units import DEFAULT_BATCH_ROWS
 
 if TYPE_CHECKING:
     import pyarrow.compute as pc  # loaded where a filter is used: ~8 MiB an idle server does without
 
 DEFAULT_URI = "grpc://127.0.0.1:8815"
 Progress = Callable[[int, int], None]  # (rows, bytes) just transferred
+T = TypeVar("T")
 
 
 def default_uri() -> str:
@@ -105,6 +119,7 @@ class Client:
         self._pid = -1
         self._workers: ThreadPoolExecutor | None = None  # kept: fresh threads per get page-fault their memory in again
         self._no_shm_pid = -1  # the process in which shared memory proved unreachable
+        self._no_adopt_pid = -1  # the process in which puts proved unable to write the server's shared memory
 
     # -- connection, pickling --------------------------------------------------------------
 
@@ -125,7 +140,7 @@ class Client:
         self.__init__(**state)  # type: ignore[misc]
 
     @property
-    def flight(self) -> flight.FlightClient:
+    def flight(self) -> FlightClient:
         """The underlying ``pyarrow.flight.FlightClient`` (re-created after a fork)."""
         if self._conn is None or self._pid != os.getpid():
             self._workers = None  # a forked child has the pool object but none of its threads
@@ -142,7 +157,7 @@ class Client:
             self._conn, self._header, self._pid = conn, header, os.getpid()
         return self._conn
 
-    def _open_session(self, conn: flight.FlightClient, header: _Authorization) -> None:
+    def _open_session(self, conn: FlightClient, header: _Authorization) -> None:
         """Basic auth the Flight way: a handshake answered with a bearer session token for later calls."""
         assert self.username is not None and self.password is not None
         try:
@@ -163,7 +178,7 @@ class Client:
             self._workers = ThreadPoolExecutor(self.parallelism, thread_name_prefix="flightcache-get")
         return self._workers
 
-    def _options(self) -> flight.FlightCallOptions:
+    def _options(self) -> FlightCallOptions:
         return flight.FlightCallOptions(timeout=self.timeout)
 
     def close(self) -> None:
@@ -185,7 +200,7 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.uri!r})"
 
-    def _call(self, fn: Callable[[], Any], retry: bool = True) -> Any:
+    def _call(self, fn: Callable[[], T], retry: bool = True) -> T:
         """``fn()`` with Flight errors as flightcache's. A basic-auth session that ended (it expired, or the
         server restarted) is opened again once and, with ``retry``, the call retried (only for calls that
         can run again from the start); tokens are the caller's to renew."""
@@ -214,6 +229,7 @@ class Client:
         ttl: float | None = None,
         txn: str | None = None,
         progress: Progress | None = None,
+        shm: bool | None = None,
     ) -> dict[str, Any]:
         """Store ``data`` as dataset ``name``; returns {name, version, rows, bytes}.
 
@@ -225,11 +241,19 @@ class Client:
         in the background); default: the server's. ``ttl``: seconds in memory before the dataset is
         evicted (if persisted) or dropped (if memory-only). With ``txn``, the data is staged as one
         part of that transaction instead ({txn, part, rows, bytes} is returned) and becomes visible
-        with the others at ``commit``.
+        with the others at ``commit``. ``shm`` (default: the client's): on the server's host, a table
+        is written straight into the server's shared memory and handed over (``flightcache.adopt``)
+        instead of streamed; elsewhere, or for a stream or dictionary columns, it is streamed.
         """
         validate_name(name)
         source = _as_arrow(data)
         rows = source.num_rows if isinstance(source, pa.Table) else None
+        if isinstance(source, pa.Table) and (self.shm if shm is None else shm):
+            adopted = self._put_adopted(name, source, mode, persist=persist, ttl=ttl, txn=txn)
+            if adopted is not None:
+                if progress is not None:
+                    progress(source.num_rows, source.nbytes)
+                return adopted
         options = PutOptions(mode=mode, expect_rows=rows, txn=txn, persist=persist, ttl=ttl, trailer=True)
         if rows is None and self.username is not None:
             # A one-shot stream cannot be sent again if its session turns out to have ended mid-put:
@@ -257,9 +281,53 @@ class Client:
                     writer.close()
                 raise
             writer.close()
-            return json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
+            result: dict[str, Any] = json.loads(answer.to_pybytes()) if answer is not None else {"name": name}
+            return result
 
         return self._call(run, retry=rows is not None)  # a Table is streamed afresh by each attempt
+
+    def _put_adopted(
+        self, name: str, table: pa.Table, mode: str, *, persist: str | None, ttl: float | None, txn: str | None
+    ) -> dict[str, Any] | None:
+        """Put ``table`` by writing it into the server's shared memory (same host); None: stream it instead."""
+        from .arrowtypes import schema_contains
+        from .shm import NONCE_KEY
+
+        if self._no_adopt_pid == os.getpid() or schema_contains(table.schema, pa.types.is_dictionary):
+            return None
+        try:
+            ticket = self._action("adopt", AdoptRequest(name, nbytes=table.nbytes))
+        except InvalidRequestError:  # a server that predates adoption: unknown action
+            self._no_adopt_pid = os.getpid()
+            return None
+        except UnauthorizedError:
+            return None  # the streamed put is refused in its own words ("put of dataset ... needs the write role")
+        path = ticket.get("path")
+        if path is None or not os.path.isdir(os.path.dirname(path)):
+            self._no_adopt_pid = os.getpid()  # shared memory off, or another host: stream from now on
+            return None
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        except OSError:  # not the server's user (its directory is not ours to write)
+            self._no_adopt_pid = os.getpid()
+            return None
+        try:
+            try:  # the file exists with its mode (in a directory only the server's user writes): Arrow opens it
+                with pa.OSFile(path, "w") as sink, pa.ipc.new_file(
+                    sink, table.schema, metadata={NONCE_KEY: ticket["nonce"].encode()}
+                ) as writer:
+                    for batch in table.to_batches(max_chunksize=self.batch_rows):
+                        writer.write_batch(batch)
+            except OSError as e:
+                raise MemoryFullError(
+                    f"put of dataset {name!r}: cannot write to the server's shared memory {path} ({e}); "
+                    "free space in /dev/shm, or put with shm=False"
+                ) from e
+            request = AdoptRequest(name, path=path, rows=table.num_rows, mode=mode, txn=txn, persist=persist, ttl=ttl)
+            return self._action("adopt", request)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # adopted files have another name by now: this removes only a refused one
 
     def commit(
         self,
@@ -291,7 +359,7 @@ class Client:
         filter: str | pc.Expression | None = None,
         version: int | None = None,
         endpoints: int | None = None,
-    ) -> flight.FlightInfo:
+    ) -> FlightInfo:
         """The FlightInfo (schema, rows, endpoints) of a read of ``name``; ``endpoints``: at least that many
         where the dataset has enough batches (the server otherwise splits by size)."""
         validate_name(name)
@@ -373,7 +441,7 @@ class Client:
             return
         info = self.flight_info(name, columns, filter, version)
         for endpoint in info.endpoints:
-            stream = self._call(lambda e=endpoint: self.flight.do_get(e.ticket, self._options()))
+            stream = self._call(functools.partial(self.flight.do_get, endpoint.ticket, self._options()))
             while True:
                 try:
                     chunk = self._call(stream.read_chunk)
@@ -431,16 +499,26 @@ class Client:
 
     # -- catalog ---------------------------------------------------------------------------
 
+    # "list" is the one action whose answer is a JSON array; a Literal overload of str "overlaps" by design.
+    @overload
+    def _action(self, kind: Literal["list"]) -> builtins.list[dict[str, Any]]: ...  # type: ignore[overload-overlap]
+
+    @overload
+    def _action(
+        self, kind: str, request: Any = None, on_progress: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]: ...
+
     def _action(
         self,
         kind: str,
-        body: dict[str, Any] | _Message | None = None,
+        request: Any = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
-        if isinstance(body, _Message):
-            payload = body.to_bytes()
-        else:
-            payload = json.dumps(body).encode() if body is not None else b""
+        """Call the action ``kind`` of ``protocol.ACTIONS`` with its request message (None: an empty body)."""
+        spec = ACTIONS[kind]
+        if spec.request is not None and not isinstance(request, spec.request):
+            raise TypeError(f"action {kind!r} takes a {spec.request.__name__}, got {type(request).__name__}")
+        payload = request.to_bytes() if request is not None else b""
 
         def run() -> Any:
             answer = None
@@ -461,15 +539,29 @@ class Client:
         persist: str | None = None,
         ttl: float | None = None,
         progress: Callable[[int, int], None] | None = None,
+        refresh: str | float | None = None,
+        refresh_min_interval: float | None = None,
     ) -> dict[str, Any]:
         """Have the server load external Parquet (a file or a directory, hive partitions too) as ``name``.
 
-        ``uri``: any pyarrow filesystem URI the server can reach (``s3://bucket/path/``, a path).
-        ``progress(files_done, files)`` is called as the server reads the files, in parallel.
+        ``uri``: any pyarrow filesystem URI the server can reach (``s3://bucket/path/``, a path), or an
+        Iceberg table ``iceberg://CATALOG/NAMESPACE.TABLE`` (a catalog of pyiceberg's configuration on the
+        server). ``progress(files_done, files)`` is called as the server reads the files, in parallel.
+        ``refresh``: how the dataset follows its source: ``"manual"`` (default: only ``refresh()``),
+        ``"on-read"`` (a read checks first, at most once per ``refresh_min_interval`` seconds, default 5)
+        or a period in seconds (the server checks in the background).
         """
-        request = LoadRequest(validate_name(name), uri, mode, persist, ttl)
+        request = LoadRequest(validate_name(name), uri, mode, persist, ttl, refresh, refresh_min_interval)
         report = (lambda p: progress(p["files_done"], p["files"])) if progress is not None else None
         return self._action("load", request, on_progress=report)
+
+    def refresh(self, name: str) -> dict[str, Any]:
+        """Check a loaded dataset's source now: new files are appended, changed or removed ones reloaded.
+
+        Returns ``{"name", "refreshed": "none"|"incremental"|"full", "version", "files_added", "bytes_read"}``;
+        a failed check raises (the server keeps the version it holds and marks the dataset stale).
+        """
+        return self._action("refresh", NameRequest(validate_name(name)))
 
     def persist(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Persist a dataset's current version to storage now; with ``wait``, return once committed."""
@@ -477,15 +569,15 @@ class Client:
 
     def pin(self, name: str) -> dict[str, Any]:
         """Keep a dataset in memory: it is never evicted."""
-        return self._action("pin", {"name": validate_name(name)})
+        return self._action("pin", NameRequest(validate_name(name)))
 
     def unpin(self, name: str) -> dict[str, Any]:
         """Let a pinned dataset be evicted again."""
-        return self._action("unpin", {"name": validate_name(name)})
+        return self._action("unpin", NameRequest(validate_name(name)))
 
     def evict(self, name: str) -> dict[str, Any]:
         """Free the memory of a persisted dataset; it stays in storage and loads on the next read."""
-        return self._action("evict", {"name": validate_name(name)})
+        return self._action("evict", NameRequest(validate_name(name)))
 
     def list(self) -> list[dict[str, Any]]:
         """Every dataset's info (name, version, rows, bytes, schema, times)."""
@@ -493,11 +585,11 @@ class Client:
 
     def info(self, name: str) -> dict[str, Any]:
         """One dataset's schema, rows, bytes, version, created and last-read times."""
-        return self._action("info", {"name": validate_name(name)})
+        return self._action("info", NameRequest(validate_name(name)))
 
     def drop(self, name: str) -> dict[str, Any]:
         """Remove a dataset from the cache."""
-        return self._action("drop", {"name": validate_name(name)})
+        return self._action("drop", NameRequest(validate_name(name)))
 
     def stats(self) -> dict[str, Any]:
         """Server figures: memory used and limit, datasets, request counters."""
@@ -525,7 +617,7 @@ class Client:
     def sql(
         self,
         query: str,
-        params: list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
+        params: builtins.list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
         *,
         into: str | None = None,
         mode: str = "overwrite",
@@ -547,12 +639,12 @@ class Client:
             with self.sql_reader(query, params, timeout=timeout) as reader:
                 return reader.read_all()
         request = SqlRequest(query, self._sql_params(params), validate_name(into), mode, persist, ttl, timeout)
-        return self._action("sql", json.loads(request.to_bytes()))
+        return self._action("sql", request)
 
     def sql_reader(
         self,
         query: str,
-        params: list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
+        params: builtins.list[Any] | tuple[Any, ...] | dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
     ) -> Any:
@@ -568,7 +660,7 @@ class Client:
         return SqlReader(stream, self.uri)
 
     @staticmethod
-    def _sql_params(params: Any) -> list[Any] | dict[str, Any] | None:
+    def _sql_params(params: Any) -> builtins.list[Any] | dict[str, Any] | None:
         if params is None or isinstance(params, (list, dict)):
             return params
         if isinstance(params, tuple):
@@ -599,8 +691,10 @@ class _Header(flight.ClientMiddleware):
 def read_ca(ca: str | os.PathLike[str] | bytes | None) -> bytes | None:
     """PEM bytes of a CA certificate given as bytes, PEM text or a file path (read once, here: a
     pickled client then needs no copy of the file)."""
-    if not ca or isinstance(ca, bytes):
-        return ca or None
+    if not ca:
+        return None
+    if isinstance(ca, bytes):
+        return ca
     if isinstance(ca, str) and ca.lstrip().startswith("-----BEGIN"):
         return ca.encode()
     try:

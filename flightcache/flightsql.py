@@ -94,14 +94,6 @@ _FLIGHT_MESSAGES: dict[str, list[tuple[str, int, str, str]]] = {
 }
 
 # Flight SQL actions: those served, and the rest of the protocol's (answered "not implemented").
-ACTIONS: dict[str, str] = {
-    "CreatePreparedStatement": "Flight SQL: prepare a query (ActionCreatePreparedStatementRequest).",
-    "ClosePreparedStatement": "Flight SQL: close a prepared statement (ActionClosePreparedStatementRequest).",
-    "CancelFlightInfo": "Cancel the running query behind a FlightInfo (CancelFlightInfoRequest).",
-    "CancelQuery": "Flight SQL (deprecated): cancel the running query behind a FlightInfo.",
-    "sql": 'Run a query and store its result as a dataset. Body: {"query": SQL, "into": NAME, "params": [...], '
-    '"mode": MODE, "persist": none|sync|async, "ttl": SECONDS, "timeout": SECONDS}.',
-}
 UNSUPPORTED_ACTIONS = (
     "CreatePreparedSubstraitPlan",
     "BeginTransaction",

@@ -9,7 +9,8 @@ small JSON objects with a version field ``"v": 1``:
 * put options (``PutOptions``) travel either as a command descriptor
   (``{"v": 1, "name": ..., "mode": ...}``) or as the ``app_metadata`` of the first message of a
   ``do_put`` stream on a path descriptor;
-* action bodies are JSON objects (``{"name": "..."}``) or, for one-name actions, the bare name.
+* action bodies are JSON objects (``{"name": "..."}``) or, for one-name actions, the bare name;
+  every action is declared once in ``ACTIONS``: name, request, response, role, and who answers it.
 
 Every decoder treats its bytes as hostile: size-limited, strict JSON, known keys and types only.
 Errors travel as Flight error classes whose ``extra_info`` is ``{"code": ...}`` (see ``errors``).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -33,32 +34,10 @@ from .errors import (
     UnauthenticatedError,
     UnauthorizedError,
 )
-from .store import validate_name
+from .names import validate_name
 
 WIRE_VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
-
-ACTIONS: dict[str, str] = {
-    "drop": 'Drop a dataset and free its memory. Body: {"name": NAME} or the bare name.',
-    "info": 'Describe a dataset: schema, rows, bytes, version, times. Body: {"name": NAME} or the bare name.',
-    "list": "List every dataset with its info. Body: empty.",
-    "stats": "Server figures: memory used and limit, dataset count, request counters. Body: empty.",
-    "healthcheck": "Health for orchestrators: status (ok or draining), version, uptime, memory used and limit, "
-    "datasets, pending persists. Answered while draining. Body: empty.",
-    "commit": 'Publish the parts staged by do_put with {"txn": ID} as one version. '
-    'Body: {"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all)}.',
-    "abort": 'Discard the parts staged under a transaction. Body: {"txn": ID}.',
-    "load": "Load external Parquet (file or directory, hive partitions) as a dataset; streams progress. "
-    'Body: {"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS}.',
-    "persist": 'Persist a dataset now. Body: {"name": NAME, "wait": true}.',
-    "pin": 'Keep a dataset in memory: never evicted. Body: {"name": NAME} or the bare name.',
-    "unpin": 'Let a pinned dataset be evicted again. Body: {"name": NAME} or the bare name.',
-    "evict": 'Free the memory of a persisted dataset (it stays in storage). Body: {"name": NAME} or the bare name.',
-    "shm": "Where a version's batches are in shared memory, for a client on the same host to map: "
-    '{"name", "version", "rows", "schema", "files": [{"path", "nonce"}, ...]}, "files" null when it is not '
-    'there. Body: {"name": NAME, "version": N (default: the current one)}.',
-}
-
 
 def _decode(raw: bytes, what: str) -> dict[str, Any]:
     if len(raw) > MAX_REQUEST_BYTES:
@@ -239,22 +218,33 @@ class CommitRequest(_Message):
         if self.schema is None:
             return None
         try:
-            return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.schema, validate=True)))
+            return decode_schema(self.schema)
         except (ValueError, pa.ArrowException) as e:
             raise InvalidRequestError(f"commit of dataset {self.name!r}: 'schema' is not a base64 Arrow schema") from e
 
 
 @dataclass(frozen=True)
 class LoadRequest(_Message):
-    """Load external Parquet (a file or a directory, hive partitions too) as a dataset."""
+    """Load external Parquet (a file or a directory, hive partitions too) or an Iceberg table as a dataset;
+    ``refresh``: manual, on-read or a period in seconds (see ``flightcache.server.sources``)."""
 
     name: str
     uri: str
     mode: str = "overwrite"
     persist: str | None = None
     ttl: float | None = None
+    refresh: str | float | None = None
+    refresh_min_interval: float | None = None
 
-    _types = {"name": (str,), "uri": (str,), "mode": (str,), "persist": (str,), "ttl": (int, float)}
+    _types = {
+        "name": (str,),
+        "uri": (str,),
+        "mode": (str,),
+        "persist": (str,),
+        "ttl": (int, float),
+        "refresh": (str, int, float),
+        "refresh_min_interval": (int, float),
+    }
     _what = "load request"
 
 
@@ -290,28 +280,184 @@ class AbortRequest(_Message):
     _what = "abort request"
 
 
+@dataclass(frozen=True)
+class AdoptRequest(_Message):
+    """The ``adopt`` action: without ``path``, ask for a file to write; with it, hand the written file over."""
+
+    name: str
+    path: str | None = None
+    nbytes: int | None = None  # the size the client is about to write (checked before it writes)
+    rows: int | None = None  # the rows the client wrote (checked)
+    mode: str = "overwrite"
+    txn: str | None = None
+    persist: str | None = None
+    ttl: float | None = None
+
+    _types = {
+        "name": (str,),
+        "path": (str,),
+        "nbytes": (int,),
+        "rows": (int,),
+        "mode": (str,),
+        "txn": (str,),
+        "persist": (str,),
+        "ttl": (int, float),
+    }
+    _what = "adopt request"
+
+
+@dataclass(frozen=True)
+class NameRequest(_Message):
+    """The body of a one-dataset action: ``{"name": NAME}``, or the bare UTF-8 name."""
+
+    name: str
+
+    _types = {"name": (str,)}
+    _what = "action body"
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> NameRequest:
+        if raw[:1] == b"{":
+            return super().from_bytes(raw)  # type: ignore[no-any-return]
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise InvalidRequestError(f"{cls._what} is too large")
+        try:
+            return cls(validate_name(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise InvalidRequestError(f"{cls._what} is neither JSON nor a UTF-8 dataset name") from e
+
+
+# -- the actions ---------------------------------------------------------------------------------
+
+READ, WRITE = "read", "write"  # the role a call's credentials need (see flightcache.server.auth)
+CORE, SQL = "core", "sql"  # who answers: the dataset handlers, or the SQL service
+HEALTHCHECK = "healthcheck"  # the one action a draining server still answers
+
+
+@dataclass(frozen=True)
+class Action:
+    """One action of the protocol: its name, request and response, the role it needs, who answers it.
+
+    ``request`` is the message class its body decodes to (None: an empty body); the SQL service's
+    actions carry Flight SQL protobuf messages or ``flightsql.SqlRequest``, decoded there. ``response``
+    says what each result body holds; ``streams``: several results (progress, then the answer).
+    """
+
+    name: str
+    doc: str
+    request: type[_Message] | None
+    response: str
+    role: str = READ
+    service: str = CORE
+    streams: bool = False
+
+    def describe(self) -> str:
+        """The description ``list_actions`` gives: what it does, the body, the answer, the role."""
+        body = "empty" if self.request is None and self.service == CORE else self.body_doc()
+        return f"{self.doc} Body: {body}. Answer: {self.response}. Role: {self.role}."
+
+    def body_doc(self) -> str:
+        return _BODIES.get(self.name, self.request.__name__ if self.request is not None else "empty")
+
+    def decode(self, body: bytes) -> Any:
+        """The request message of a call's body (the SQL service decodes its own)."""
+        if self.request is None:
+            if body:
+                raise InvalidRequestError(f"action {self.name!r} takes an empty body, got {len(body)} bytes")
+            return None
+        return self.request.from_bytes(body)
+
+
+_NAME_BODY = '{"name": NAME} or the bare name'
+_BODIES = {
+    "drop": _NAME_BODY,
+    "info": _NAME_BODY,
+    "pin": _NAME_BODY,
+    "unpin": _NAME_BODY,
+    "evict": _NAME_BODY,
+    "commit": '{"txn": ID, "name": NAME, "mode": MODE, "parts": [PART, ...] (default all), "schema": B64, '
+    '"persist": MODE, "ttl": SECONDS}',
+    "abort": '{"txn": ID}',
+    "load": '{"name": NAME, "uri": URI, "mode": MODE, "persist": none|sync|async, "ttl": SECONDS, '
+    '"refresh": manual|on-read|SECONDS, "refresh_min_interval": SECONDS}',
+    "refresh": _NAME_BODY,
+    "persist": '{"name": NAME, "wait": true}',
+    "shm": '{"name": NAME, "version": N (default: the current one)}',
+    "adopt": '{"name": NAME, "nbytes": BYTES} or {"name": NAME, "path": PATH, "rows": ROWS, "mode": MODE, '
+    '"txn": ID, "persist": MODE, "ttl": SECONDS}',
+    "sql": '{"query": SQL, "into": NAME, "params": [...], "mode": MODE, "persist": none|sync|async, '
+    '"ttl": SECONDS, "timeout": SECONDS}',
+    "CreatePreparedStatement": "ActionCreatePreparedStatementRequest (Flight SQL)",
+    "ClosePreparedStatement": "ActionClosePreparedStatementRequest (Flight SQL)",
+    "CancelFlightInfo": "CancelFlightInfoRequest (Flight)",
+    "CancelQuery": "ActionCancelQueryRequest (Flight SQL)",
+}
+_SUMMARY = '{"name", "version", "rows", "bytes"}'
+_INFO = (
+    "the dataset's info: name, state, version, rows, bytes, schema, times, pins, TTL, persist_error, "
+    "source (a loaded dataset's URI, refresh policy, last check, staleness)"
+)
+
+ACTIONS: dict[str, Action] = {
+    a.name: a
+    for a in (
+        Action("drop", "Drop a dataset and free its memory.", NameRequest, '{"name", "version", "bytes"}', WRITE),
+        Action("info", "Describe a dataset.", NameRequest, _INFO),
+        Action("list", "List every dataset with its info.", None, "a list of infos"),
+        Action("stats", "Server figures: memory, datasets, counters, requests.", None, "an object of figures"),
+        Action(
+            HEALTHCHECK,
+            "Health for orchestrators; answered while draining.",
+            None,
+            '{"status": ok|draining, "version", "uptime_s", "memory_used", "memory_limit", "datasets", ...}',
+        ),
+        Action("commit", "Publish the parts staged by do_put under a transaction as one version.",
+               CommitRequest, _SUMMARY, WRITE),
+        Action("abort", "Discard the parts staged under a transaction.", AbortRequest,
+               '{"txn", "parts_discarded"}', WRITE),
+        Action("load", "Load external Parquet (file or directory, hive partitions) as a dataset.", LoadRequest,
+               '{"progress": {"files_done", "files"}} results, then ' + _SUMMARY, WRITE, streams=True),
+        Action("refresh", "Check a loaded dataset's source now; append new files or reload what changed.",
+               NameRequest, '{"name", "refreshed": none|incremental|full, "version", "files_added", "bytes_read"}',
+               WRITE),
+        Action("persist", "Persist a dataset now.", PersistRequest,
+               '{"name", "version", "state", "persist_error"}', WRITE),
+        Action("pin", "Keep a dataset in memory: never evicted.", NameRequest, _INFO, WRITE),
+        Action("unpin", "Let a pinned dataset be evicted again.", NameRequest, _INFO, WRITE),
+        Action("evict", "Free the memory of a persisted dataset (it stays in storage).", NameRequest,
+               '{"name", "version", "bytes"}', WRITE),
+        Action("shm", "Where a version's batches are in shared memory, for a client on the same host.", ShmRequest,
+               '{"name", "version", "rows", "batches", "schema", "files": [{"path", "nonce"}] or null}'),
+        Action(
+            "adopt",
+            "A same-host put: without a path, answers a file to write in the server's shared memory and its nonce; "
+            "with the written path, publishes that Arrow IPC file (see flightcache.server.adopt).",
+            AdoptRequest,
+            '{"path", "nonce"} for a file to write, then ' + _SUMMARY + " (or a staged part's)",
+            WRITE,
+        ),
+        Action("sql", "Run a query and store its result as a dataset.", None, _SUMMARY, WRITE, SQL),
+        Action("CreatePreparedStatement", "Flight SQL: prepare a query.", None,
+               "ActionCreatePreparedStatementResult", READ, SQL),
+        Action("ClosePreparedStatement", "Flight SQL: close a prepared statement.", None, "empty", READ, SQL),
+        Action("CancelFlightInfo", "Cancel the running query behind a FlightInfo.", None,
+               "CancelFlightInfoResult", READ, SQL),
+        Action("CancelQuery", "Flight SQL (deprecated): cancel the running query behind a FlightInfo.", None,
+               "ActionCancelQueryResult", READ, SQL),
+    )
+}
+WRITE_ACTIONS = frozenset(name for name, a in ACTIONS.items() if a.role == WRITE)
+
+
+
+
 def encode_schema(schema: pa.Schema) -> str:
+    """A schema on the wire and in manifests: base64 of its Arrow IPC serialization."""
     return base64.b64encode(schema.serialize().to_pybytes()).decode()
 
 
 def decode_schema(text: str) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text, validate=True)))
-
-
-def action_name(body: bytes, action: str) -> str:
-    """The dataset name in an action body: ``{"name": ...}`` or the bare UTF-8 name."""
-    if body[:1] == b"{":
-        obj = _decode(body, f"body of action {action!r}")
-        name = obj.get("name")
-        if not isinstance(name, str) or set(obj) - {"name"}:
-            raise InvalidRequestError(f'action {action!r} takes {{"name": "DATASET"}}, got {sorted(obj)}')
-        return validate_name(name)
-    if len(body) > MAX_REQUEST_BYTES:
-        raise InvalidRequestError(f"body of action {action!r} is too large")
-    try:
-        return validate_name(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InvalidRequestError(f"body of action {action!r} is neither JSON nor a UTF-8 dataset name") from e
 
 
 def descriptor_name(descriptor: flight.FlightDescriptor) -> tuple[str, bytes | None]:
@@ -379,7 +525,7 @@ def error_from_flight(exc: flight.FlightError, uri: str = "") -> Exception:
             f"cannot reach the flightcache server at {uri or 'the given URI'} ({message}); "
             "is it running? start one with 'flightcache serve'"
         )
-    return exc
+    return cast(Exception, exc)  # a FlightError (pyarrow has no types: mypy sees Any)
 
 
 def clean_message(message: str) -> str:

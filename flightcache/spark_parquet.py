@@ -16,8 +16,9 @@ S3 settings come from the standard AWS variables (``AWS_ENDPOINT_URL`` for moto 
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -33,13 +34,13 @@ from pyspark.sql.datasource import (
 from pyspark.sql.types import StructType
 
 from .errors import InvalidRequestError, StorageError
-from .spark import _conform, arrow_schema, spark_schema
-from .storage import filesystem, retry
+from .integrations.spark import _conform, arrow_schema, spark_schema
+from .server.storage import filesystem, retry
 
 FORMAT = "arrow-parquet"
 
 
-def _location(options: dict[str, str]) -> tuple[pafs.FileSystem, str, str]:
+def _location(options: Mapping[str, str]) -> tuple[pafs.FileSystem, str, str]:
     uri = options.get("path")
     if not uri:
         raise InvalidRequestError(f"give {FORMAT!r} a location: .load('s3://bucket/prefix') or .save(...)")
@@ -85,7 +86,7 @@ class _File(InputPartition):
 
 
 class _Reader(DataSourceReader):
-    def __init__(self, options: dict[str, str], schema: StructType) -> None:
+    def __init__(self, options: Mapping[str, str], schema: StructType) -> None:
         self.options = dict(options)
         self.target = arrow_schema(schema)
 
@@ -113,7 +114,7 @@ class _Written(WriterCommitMessage):
 
 
 class _Writer(DataSourceArrowWriter):
-    def __init__(self, options: dict[str, str], schema: StructType, overwrite: bool) -> None:
+    def __init__(self, options: Mapping[str, str], schema: StructType, overwrite: bool) -> None:
         self.options = dict(options)
         self.schema = arrow_schema(schema)
         self.overwrite = overwrite
@@ -143,7 +144,7 @@ class _Writer(DataSourceArrowWriter):
         if self.overwrite:
             for path in _data_files(fs, root, uri):
                 if path not in written:
-                    retry(f"delete {path}", lambda p=path: fs.delete_file(p))
+                    retry(f"delete {path}", functools.partial(fs.delete_file, path))
         _make_dir(fs, root)
         if not written:  # an empty result still needs a file that carries the schema
             empty = f"{root}/part-{self.job}-empty.parquet"

@@ -58,7 +58,7 @@ class Handoff:
         """Hand ``df`` off as ``name`` (replacing an earlier run's)."""
         if self.mode == "flightcache":
             (
-                df.write.format("flightcache")
+                df.write.format(cache_format())
                 .option("uri", self.cache_uri)
                 .option("persist", self.persist)
                 .mode("overwrite")
@@ -86,7 +86,7 @@ class Handoff:
             import pyarrow.fs as pafs
             import pyarrow.parquet as pq
 
-            from flightcache.storage import filesystem
+            from flightcache.server.storage import filesystem
 
             fs, root = filesystem(f"{self.s3_prefix}/handoff/{name}")
             files = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.endswith(".parquet")]
@@ -99,7 +99,7 @@ class Handoff:
     def read(self, spark: Any, name: str) -> Any:
         """The DataFrame an earlier stage handed off as ``name``."""
         if self.mode == "flightcache":
-            return spark.read.format("flightcache").option("uri", self.cache_uri).load(name)
+            return spark.read.format(cache_format()).option("uri", self.cache_uri).load(name)
         if self.mode == "s3a":
             return spark.read.parquet(self.s3a_path(name))
         if self.mode == "alluxio":
@@ -111,23 +111,38 @@ class Handoff:
         raise ValueError(f"unknown hand-off {self.mode!r}: use one of {HANDOFFS}")
 
 
+def cache_format() -> str:
+    """The JVM connector's format when its jar is built (spark_session adds it), else the Python data source's."""
+    import flightcache.integrations.spark_jvm
+
+    jvm = flightcache.integrations.spark_jvm
+    return jvm.FORMAT if jvm.available() else "flightcache-python"
+
+
 def spark_session(app: str, cores: int = 2) -> Any:
-    """A local Spark application whose Python workers run this interpreter, with flightcache registered."""
+    """A local Spark application whose Python workers run this interpreter, with flightcache registered:
+    format("flightcache") is the JVM connector when its jar is built, else the Python data source."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    import flightcache.spark
+    import flightcache.integrations.spark
+    import flightcache.integrations.spark_jvm
 
+    builder = SparkSession.builder
+    if flightcache.integrations.spark_jvm.available():
+        builder = flightcache.integrations.spark_jvm.configure(builder)
     builder = (
-        SparkSession.builder.master(f"local[{cores}]")
+        builder.master(f"local[{cores}]")
         .appName(app)
         .config("spark.ui.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(cores * 2))
         .config("spark.driver.memory", "2g")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.spark_daemon"))
+        .config(
+            "spark.python.daemon.module", os.environ.get("PIPELINE_DAEMON", "flightcache.integrations.spark_daemon")
+        )
     )
     extra_jars = []
     if os.environ.get("ALLUXIO_MASTER"):  # the alluxio hand-off
@@ -137,7 +152,7 @@ def spark_session(app: str, cores: int = 2) -> Any:
         extra_jars.append(alluxio.client_jar())
     spark = s3a.configure(builder, extra_jars=extra_jars).getOrCreate()  # every stage reads its input with S3A
     spark.sparkContext.setLogLevel("ERROR")
-    flightcache.spark.register(spark)
+    flightcache.integrations.spark.register(spark)
     return spark
 
 

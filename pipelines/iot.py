@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import flightcache_server, run_stage, spark_session
+from common import cache_format, flightcache_server, run_stage, spark_session
 
 HERE = Path(__file__).resolve()
 
@@ -50,11 +50,11 @@ def stage_windows(uri: str, rows: int, sensors: int) -> dict[str, Any]:
         )
         .select("sensor", F.col("w.start").alias("window_start"), "mean", "min", "max", "readings")
     )
-    windows.write.format("flightcache").option("uri", uri).mode("overwrite").save("iot/windows")
+    windows.write.format(cache_format()).option("uri", uri).mode("overwrite").save("iot/windows")
     return {
         "stage": "windows",
         "readings": rows,
-        "windows": spark.read.format("flightcache").option("uri", uri).load("iot/windows").count(),
+        "windows": spark.read.format(cache_format()).option("uri", uri).load("iot/windows").count(),
     }
 
 

@@ -90,7 +90,7 @@ def generate(rows: int, dest: str, files: int = 8, seed: int = 42) -> dict[str, 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from flightcache.storage import filesystem
+    from flightcache.server.storage import filesystem
 
     fs, root = filesystem(dest)
     fs.create_dir(root, recursive=True)
@@ -147,7 +147,7 @@ def write_pages(dest: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from flightcache.storage import filesystem
+    from flightcache.server.storage import filesystem
 
     fs, root = filesystem(dest)
     fs.create_dir(root, recursive=True)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import flightcache
-from flightcache.store import format_bytes
+from flightcache.units import format_bytes
 
 PATHS = np.array(["/", "/login", "/search", "/cart", "/checkout", "/api/items", "/api/user", "/static/app.js"])
 METHODS = np.array(["GET", "GET", "GET", "POST", "PUT", "DELETE"])

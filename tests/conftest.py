@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import decimal
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,30 @@ import pyarrow as pa
 import pytest
 
 import flightcache
-from flightcache.server import FlightcacheServer
-from flightcache.store import Store
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Tests that use these fixtures carry the mark, so that `-m "not spark and not s3"` starts neither; a
+# test that starts Spark or moto by other means is marked where it is written.
+FIXTURE_MARKS = {"spark": "spark", "moto_s3": "s3", "s3_bucket": "s3"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in set(FIXTURE_MARKS).intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(FIXTURE_MARKS[fixture])
+
+
 @pytest.fixture
-def server() -> Iterator[FlightcacheServer]:
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(memory_limit=512 * 1024 * 1024))
+def server(request: pytest.FixtureRequest) -> Iterator[FlightcacheServer]:
+    """A server on 127.0.0.1; for a test's shared-memory read path (``both_read_paths``), with --shm on: it
+    fails to start where there is no shared memory, rather than leave a small /dev/shm to "auto"."""
+    callspec = getattr(request.node, "callspec", None)
+    shm = "on" if callspec is not None and callspec.params.get("client") == "shm" else "auto"
+    srv = build_server(ServerConfig(memory_limit=512 * 1024 * 1024, shm=shm))
     yield srv
     srv.shutdown()
 
@@ -36,10 +53,45 @@ def uri(server: FlightcacheServer) -> str:
     return f"grpc://127.0.0.1:{server.port}"
 
 
+# A read takes one of two paths: shared memory (a client on the server's host maps its files) or a
+# do_get stream (any other client). Which one a default client takes depends on the host, so read tests
+# name it: ``@both_read_paths`` runs a test that uses ``client`` once per path, on any host.
+READ_PATHS = ("shm", "stream")
+both_read_paths = pytest.mark.parametrize("client", READ_PATHS, indirect=True)
+
+
+def read_path_client(uri: str, server: FlightcacheServer, path: str | None) -> flightcache.Client:
+    """A client on ``server`` that reads through ``path`` ("shm", "stream"; None: the host's default)."""
+    if path == "shm" and server.cache.shm is None:
+        pytest.fail("the shared-memory read path cannot be tested: the server has no shared memory on this host")
+    return flightcache.connect(uri, shm=None if path is None else path == "shm")
+
+
+def check_read_path(server: FlightcacheServer, path: str | None) -> None:
+    """Fail unless every read the server served took ``path``: a shm client that silently streamed fails."""
+    stats = server.stats()
+    if path == "shm":
+        assert stats["shm_reads"] > 0, "no read went through shared memory"
+        assert stats["gets"] == stats["shm_reads"], f"reads streamed instead of mapping shared memory: {stats}"
+    elif path == "stream":
+        assert stats["shm_reads"] == 0, f"a streaming client read through shared memory: {stats}"
+
+
 @pytest.fixture
-def client(uri: str) -> Iterator[flightcache.Client]:
-    with flightcache.connect(uri) as c:
+def client(uri: str, server: FlightcacheServer, request: pytest.FixtureRequest) -> Iterator[flightcache.Client]:
+    """A client of ``server``; parametrized by ``both_read_paths``, one that reads through that path only."""
+    path = getattr(request, "param", None)
+    with read_path_client(uri, server, path) as c:
         yield c
+    check_read_path(server, path)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout} s"
+        time.sleep(0.02)
 
 
 # -- S3 (a real moto server over HTTP on 127.0.0.1) -------------------------------------------------
@@ -114,14 +166,16 @@ def s3_bucket(moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch, request: pytest.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3.endpoint)
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 10000}"
+    # the hash keeps apart the cases of a test whose names agree in their first 40 characters
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{digest}-{os.getpid() % 10000}"
     client = moto_s3.client()
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=name)
     return name
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def storage_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The same tests on a local directory and on S3 (fsspec's abstract-test idea)."""
     if request.param == "local":
@@ -248,17 +302,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 
 @pytest.fixture(scope="session")
 def spark() -> Iterator[object]:
-    """One local Spark session for the whole run, with the flightcache format registered."""
+    """One local Spark session for the whole run: format("flightcache") is the JVM connector (its jar, when
+    built), format("flightcache-python") the Python data source."""
     with pytest.MonkeyPatch.context() as mp:
         # Spark's Python workers must run this interpreter, which has flightcache installed.
         mp.setenv("PYSPARK_PYTHON", sys.executable)
         mp.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
         from pyspark.sql import SparkSession
 
-        import flightcache.spark
+        import flightcache.integrations.spark
+        import flightcache.integrations.spark_jvm
 
+        builder = SparkSession.builder
+        if flightcache.integrations.spark_jvm.available():
+            builder = flightcache.integrations.spark_jvm.configure(builder)
         session = (
-            SparkSession.builder.master("local[2]")
+            builder.master("local[2]")
             .appName("flightcache-tests")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.sql.shuffle.partitions", "2")
@@ -270,6 +329,6 @@ def spark() -> Iterator[object]:
             .getOrCreate()
         )
         session.sparkContext.setLogLevel("ERROR")
-        flightcache.spark.register(session)
+        flightcache.integrations.spark.register(session)
         yield session
         session.stop()

@@ -11,35 +11,57 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import MotoS3, logs_table, run_cli, start_server, stop_server
+from conftest import (
+    READ_PATHS,
+    MotoS3,
+    check_read_path,
+    logs_table,
+    read_path_client,
+    run_cli,
+    start_server,
+    stop_server,
+    wait_until,
+)
 
 import flightcache
 from flightcache.errors import InvalidRequestError, MemoryFullError, StorageError
-from flightcache.server import FlightcacheServer
-from flightcache.storage import Storage
-from flightcache.store import Store, buffer_sizes
-
-pytestmark = pytest.mark.s3
+from flightcache.server.arrays import buffer_sizes
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
 
 
 def _serve(
-    storage_uri: str | None, memory_limit: int | None = None, persist: str = "none", **store_kwargs: object
+    storage_uri: str | None,
+    memory_limit: int | None = None,
+    persist: str = "none",
+    read_path: str | None = None,
+    **store_kwargs: object,
 ) -> tuple[FlightcacheServer, flightcache.Client]:
-    storage = Storage(storage_uri, retries=2, backoff=0.01) if storage_uri else None
-    srv = FlightcacheServer(
-        "grpc://127.0.0.1:0",
-        store=Store(memory_limit, **store_kwargs),  # type: ignore[arg-type]
-        storage=storage,
+    """A server on ``storage_uri`` and a client that reads through ``read_path`` (None: the host's default)."""
+    config = ServerConfig(
+        memory_limit=memory_limit,
+        storage=storage_uri,
+        storage_retries=2,
+        storage_backoff=0.01,
         persist=persist,
+        shm="on" if read_path == "shm" else "auto",  # "on" fails loudly where there is no shared memory
+        **store_kwargs,  # type: ignore[arg-type]
     )
-    return srv, flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
+    srv = build_server(config)
+    return srv, read_path_client(f"grpc://127.0.0.1:{srv.port}", srv, read_path)
 
 
 @pytest.fixture
-def tiered(storage_uri: str) -> Iterator[tuple[FlightcacheServer, flightcache.Client]]:
-    srv, client = _serve(storage_uri)
+def tiered(storage_uri: str, request: pytest.FixtureRequest) -> Iterator[tuple[FlightcacheServer, flightcache.Client]]:
+    """A server with storage; parametrized with ``READ_PATHS`` (indirect), its client reads through that path."""
+    read_path = getattr(request, "param", None)
+    srv, client = _serve(storage_uri, read_path=read_path)
     yield srv, client
+    check_read_path(srv, read_path)
     srv.shutdown()
+
+
+both_read_paths = pytest.mark.parametrize("tiered", READ_PATHS, indirect=True)
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 20) -> None:
@@ -106,6 +128,7 @@ def test_persist_needs_storage() -> None:
 # -- read-through ---------------------------------------------------------------------------------------
 
 
+@both_read_paths
 def test_read_through_after_evict(tiered: tuple[FlightcacheServer, flightcache.Client]) -> None:
     """An evicted dataset stays listed (in-storage-only) and loads transparently on the next get."""
     _, client = tiered
@@ -122,9 +145,11 @@ def test_read_through_after_evict(tiered: tuple[FlightcacheServer, flightcache.C
     assert client.info("a")["counters"]["hits"] >= 1
 
 
+@both_read_paths
 def test_concurrent_readers_of_a_missing_dataset_load_it_once(
     tiered: tuple[FlightcacheServer, flightcache.Client],
 ) -> None:
+    """Eight readers of an evicted dataset at once: one load from storage, eight misses, eight whole tables."""
     srv, client = tiered
     table = table_of(200_000)
     client.put("a", table, persist="sync")
@@ -134,13 +159,15 @@ def test_concurrent_readers_of_a_missing_dataset_load_it_once(
 
     def counting(manifest, **kw):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        time.sleep(0.3)  # make the readers overlap
+        wait_until(lambda: srv.ops.in_flight >= 8, "all eight readers to be in a call")  # they overlap
         return real(manifest, **kw)
 
     srv.cache.storage.read_version = counting  # type: ignore[union-attr,method-assign]
     results: list[bool] = []
     threads = [
-        threading.Thread(target=lambda: results.append(flightcache.connect(client.uri).get("a").equals(table)))
+        threading.Thread(
+            target=lambda: results.append(flightcache.connect(client.uri, shm=client.shm).get("a").equals(table))
+        )
         for _ in range(8)
     ]
     for t in threads:
@@ -170,11 +197,12 @@ def test_drop_removes_storage_too(tiered: tuple[FlightcacheServer, flightcache.C
     assert client.list() == []
 
 
-def test_load_external_parquet_with_progress(storage_uri: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_path", READ_PATHS)
+def test_load_external_parquet_with_progress(storage_uri: str, tmp_path: Path, read_path: str) -> None:
     """client.load reads an external Parquet directory on the server, reporting progress."""
     import pyarrow.parquet as pq
 
-    srv, client = _serve(storage_uri)
+    srv, client = _serve(storage_uri, read_path=read_path)
     try:
         storage = srv.cache.storage
         assert storage is not None
@@ -189,6 +217,7 @@ def test_load_external_parquet_with_progress(storage_uri: str, tmp_path: Path) -
         assert client.get("logs/raw").sort_by("ts").equals(table.sort_by("ts"))
         with pytest.raises(StorageError, match="no Parquet files"):
             client.load("x", storage_uri.rstrip("/") + "/empty")
+        check_read_path(srv, read_path)
     finally:
         srv.shutdown()
 
@@ -295,7 +324,8 @@ def test_ttl_evicts_persisted_and_drops_memory_only(tmp_path: Path) -> None:
 # -- recovery -------------------------------------------------------------------------------------------
 
 
-def test_restart_after_clean_stop_recovers_catalog_and_flushes_async(storage_uri: str) -> None:
+@pytest.mark.parametrize("read_path", READ_PATHS)
+def test_restart_after_clean_stop_recovers_catalog_and_flushes_async(storage_uri: str, read_path: str) -> None:
     """A clean shutdown flushes pending write-backs; a new server lists them and loads on first read."""
     srv, client = _serve(storage_uri)
     table = logs_table(5000)
@@ -303,11 +333,12 @@ def test_restart_after_clean_stop_recovers_catalog_and_flushes_async(storage_uri
     client.put("async", table, persist="async")
     client.put("memory", table)
     srv.shutdown()
-    srv2, client2 = _serve(storage_uri)
+    srv2, client2 = _serve(storage_uri, read_path=read_path)
     try:
         states = {d["name"]: d["state"] for d in client2.list()}
         assert states == {"sync": "in-storage-only", "async": "in-storage-only"}
         assert client2.get("async").equals(table)
+        check_read_path(srv2, read_path)
         v = client2.put("sync", table.slice(0, 10))["version"]
         assert v == 2  # versions keep counting from what storage holds
     finally:
@@ -327,7 +358,7 @@ def test_kill_9_keeps_sync_data_and_cleans_half_written(tmp_path: Path) -> None:
     half.mkdir(parents=True)
     (half / "part-00000.parquet").write_bytes(b"PAR1 torn")
     stop_server(proc, signal.SIGKILL)
-    proc, uri = start_server("--storage", str(storage_dir))
+    proc, uri = start_server("--storage", str(storage_dir), "--storage-grace", "0")  # the only writer
     try:
         c = flightcache.connect(uri)
         assert [d["name"] for d in c.list()] == ["durable"]

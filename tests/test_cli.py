@@ -16,8 +16,8 @@ import pytest
 from conftest import logs_table, run_cli, start_server, start_server_ready, stop_server
 
 import flightcache
-from flightcache import cache
 from flightcache.errors import SqlError
+from flightcache.server import allocator
 
 
 @pytest.fixture
@@ -136,22 +136,23 @@ def test_serve_fixes_glibcs_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> N
     """serve fixes glibc's mmap threshold (32 MiB, or FLIGHTCACHE_MMAP_THRESHOLD); 'glibc' and a
     MALLOC_MMAP_THRESHOLD_ leave glibc's own; a bad value names the variable; no glibc, nothing set."""
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(cache, "_libc_function", lambda name: lambda param, value: calls.append((param, value)) or 1)
+    mallopt = lambda param, value: calls.append((param, value)) or 1  # noqa: E731
+    monkeypatch.setattr(allocator, "_libc_function", lambda name: mallopt)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv(cache.MMAP_THRESHOLD_ENV, raising=False)
-    assert cache.mmap_large_allocations() == 32 * 2**20 and calls == [(-3, 32 * 2**20)]
-    monkeypatch.setenv(cache.MMAP_THRESHOLD_ENV, "1MiB")
-    assert cache.mmap_large_allocations() == 2**20 and calls[-1] == (-3, 2**20)
-    for env, value in ((cache.MMAP_THRESHOLD_ENV, "glibc"), ("MALLOC_MMAP_THRESHOLD_", "131072")):
+    monkeypatch.delenv(allocator.MMAP_THRESHOLD_ENV, raising=False)
+    assert allocator.mmap_large_allocations() == 32 * 2**20 and calls == [(-3, 32 * 2**20)]
+    monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, "1MiB")
+    assert allocator.mmap_large_allocations() == 2**20 and calls[-1] == (-3, 2**20)
+    for env, value in ((allocator.MMAP_THRESHOLD_ENV, "glibc"), ("MALLOC_MMAP_THRESHOLD_", "131072")):
         monkeypatch.setenv(env, value)
-        assert cache.mmap_large_allocations() is None and len(calls) == 2
+        assert allocator.mmap_large_allocations() is None and len(calls) == 2
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    monkeypatch.setenv(cache.MMAP_THRESHOLD_ENV, "lots")
+    monkeypatch.setenv(allocator.MMAP_THRESHOLD_ENV, "lots")
     with pytest.raises(ValueError, match="FLIGHTCACHE_MMAP_THRESHOLD='lots'"):
-        cache.mmap_large_allocations()
-    monkeypatch.delenv(cache.MMAP_THRESHOLD_ENV)
-    monkeypatch.setattr(cache, "_libc_function", lambda name: None)  # not glibc
-    assert cache.mmap_large_allocations() is None
+        allocator.mmap_large_allocations()
+    monkeypatch.delenv(allocator.MMAP_THRESHOLD_ENV)
+    monkeypatch.setattr(allocator, "_libc_function", lambda name: None)  # not glibc
+    assert allocator.mmap_large_allocations() is None
 
 
 def test_serve_refuses_a_bad_mmap_threshold_in_one_line() -> None:

@@ -22,9 +22,9 @@ from conftest import MotoS3, run_cli, shaping_proxy, start_server, stop_server
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, StorageError
-from flightcache.server import FlightcacheServer
-from flightcache.storage import Storage
-from flightcache.store import Store
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.storage import Storage
 
 
 def table_of(rows: int, seed: int = 0) -> pa.Table:
@@ -56,7 +56,7 @@ GET_THEN_DIE = textwrap.dedent("""
 def test_clients_killed_mid_get() -> None:
     """Readers killed mid-stream leave nothing behind: the server keeps serving, the version they read can be
     replaced and dropped, and memory accounting comes back to zero."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(retain_seconds=0.5, batch_rows=8192))
+    srv = build_server(ServerConfig(retain_seconds=0.5, batch_rows=8192))
     uri = f"grpc://127.0.0.1:{srv.port}"
     try:
         client = flightcache.connect(uri)
@@ -98,8 +98,9 @@ def s3_tiered(s3_bucket: str) -> Iterator[Callable[..., tuple[FlightcacheServer,
     started: list[FlightcacheServer] = []
 
     def serve(**storage_options: float) -> tuple[FlightcacheServer, flightcache.Client]:
-        storage = Storage(f"s3://{s3_bucket}/cache", part_bytes=64 * 1024, **storage_options)  # type: ignore[arg-type]
-        srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(), storage=storage, persist="none")
+        options = {f"storage_{k.removesuffix('_seconds')}": v for k, v in storage_options.items()}
+        config = ServerConfig(storage=f"s3://{s3_bucket}/cache", storage_part_bytes=64 * 1024, **options)  # type: ignore[arg-type]
+        srv = build_server(config)
         started.append(srv)
         return srv, flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
 
@@ -151,11 +152,11 @@ def test_s3_restarted_during_persists_retries_succeed(
     for name in ("a1", "a2"):
         client.put(name, table_of(100_000, seed=1), persist="async")
     thread, outcome = _sync_put_in_thread(client, "s", big)
-    _wait(lambda: _parts_written(moto_s3, s3_bucket, "cache/s/v1/"), "sync put writing")
+    _wait(lambda: _parts_written(moto_s3, s3_bucket, "cache/s/v1-"), "sync put writing")
     caplog.set_level(logging.WARNING, logger="flightcache.storage")
     moto_s3.stop()
     try:
-        _wait(lambda: any("/s/v1/" in r.getMessage() for r in caplog.records), "the sync put retrying")
+        _wait(lambda: any("/s/v1-" in r.getMessage() for r in caplog.records), "the sync put retrying")
     finally:
         moto_s3.start()
     thread.join(timeout=120)
@@ -180,7 +181,7 @@ def test_s3_down_during_persists_fails_cleanly(
     client.put("s", old, persist="sync")
     client.put("a", table_of(100_000, seed=3), persist="async")
     thread, outcome = _sync_put_in_thread(client, "s", big)
-    _wait(lambda: _parts_written(moto_s3, s3_bucket, "cache/s/v2/"), "sync put writing")
+    _wait(lambda: _parts_written(moto_s3, s3_bucket, "cache/s/v2-"), "sync put writing")
     moto_s3.stop()
     try:
         thread.join(timeout=120)
@@ -194,11 +195,11 @@ def test_s3_down_during_persists_fails_cleanly(
         moto_s3.start()
     assert _committed(f"s3://{s3_bucket}/cache").get("s") == 1  # v2's parts are there, but no manifest
     assert client.persist("a", wait=True)["state"] == "persisted"  # storage is back: persisting again works
-    _, client2 = s3_tiered()  # a restart: recovery on the same storage
+    _, client2 = s3_tiered(grace_seconds=0)  # a restart, the only writer: recovery on the same storage
     assert client2.get("s").equals(old) and client2.get("a").equals(table_of(100_000, seed=3))
     recovery = client2.stats()["recovery"]
     assert [(v["name"], v["version"]) for v in recovery["incomplete_versions"]] == [("s", 2)]
-    assert not _parts_written(moto_s3, s3_bucket, "cache/s/v2/")  # removed at recovery
+    assert not _parts_written(moto_s3, s3_bucket, "cache/s/v2-")  # removed at recovery
 
 
 # -- the server killed with kill -9 during write-backs -----------------------------------------------------
@@ -216,7 +217,7 @@ def test_recovery_reports_unfinished_versions(storage_uri: str) -> None:
         storage.fs.create_dir(f"{storage.root}/{unfinished}")
         with storage.fs.open_output_stream(f"{storage.root}/{unfinished}/part-00000.parquet") as out:
             out.write(b"PAR1 torn")
-    srv = FlightcacheServer("grpc://127.0.0.1:0", storage=Storage(storage_uri))
+    srv = build_server(ServerConfig(storage=storage_uri, storage_grace=0))  # the only writer
     try:
         client = flightcache.connect(f"grpc://127.0.0.1:{srv.port}")
         lost = client.stats()["recovery"]["incomplete_versions"]
@@ -254,13 +255,14 @@ def test_kill_9_during_write_back(moto_s3: MotoS3, s3_bucket: str, slow_s3: str)
         assert client.persist("k9/confirmed", wait=True)["state"] == "persisted"
         client.put("k9/sync", big)  # version 2, written back at 1 MB/s: 8 s
         client.put("k9/pending", big)
-        for prefix in ("cache/k9/sync/v2/", "cache/k9/pending/v1/"):
+        for prefix in ("cache/k9/sync/v2-", "cache/k9/pending/v1-"):
             _wait(lambda p=prefix: _has_key(moto_s3, s3_bucket, p), f"write-back started under {prefix}")
         assert {d["name"]: d["state"] for d in client.list()}["k9/pending"] == "persisting"
         client.close()
     finally:
         assert stop_server(proc, signal.SIGKILL) == -signal.SIGKILL
-    proc, uri = start_server("--storage", storage)  # straight to moto: recovery is not what is slow
+    # straight to moto: recovery is not what is slow; the only writer: what is unfinished is removed at once
+    proc, uri = start_server("--storage", storage, "--storage-grace", "0")
     try:
         client = flightcache.connect(uri)
         assert {d["name"]: d["version"] for d in client.list()} == {"k9/sync": 1, "k9/confirmed": 1}
@@ -271,7 +273,7 @@ def test_kill_9_during_write_back(moto_s3: MotoS3, s3_bucket: str, slow_s3: str)
         lost = client.stats()["recovery"]["incomplete_versions"]
         assert sorted((v["name"], v["version"]) for v in lost) == [("k9/pending", 1), ("k9/sync", 2)]
         assert all(v["uri"].startswith(storage) for v in lost)
-        assert not _has_key(moto_s3, s3_bucket, "cache/k9/pending/v1/")  # removed at recovery
+        assert not _has_key(moto_s3, s3_bucket, "cache/k9/pending/v1-")  # removed at recovery
     finally:
         assert stop_server(proc) == 0
 

@@ -20,10 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, NotInstalledError, ServerUnavailableError
-from flightcache.metrics import JsonFormatter, MetricsEndpoint, logfmt
-from flightcache.server import FlightcacheServer
-from flightcache.storage import Storage
-from flightcache.store import Store
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.logs import JsonFormatter, logfmt
+from flightcache.server.prometheus import MetricsEndpoint
+from flightcache.server.storage import Storage
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -31,9 +32,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture
 def tiered(tmp_path: Path) -> Iterator[FlightcacheServer]:
     """A server with a local storage tier, so reads can miss and datasets can be evicted."""
-    srv = FlightcacheServer(
-        "grpc://127.0.0.1:0", store=Store(memory_limit=64 * 1024 * 1024), storage=Storage(str(tmp_path / "storage"))
-    )
+    srv = build_server(ServerConfig(memory_limit=64 * 1024 * 1024, storage=str(tmp_path / "storage")))
     yield srv
     srv.shutdown()
 

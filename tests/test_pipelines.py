@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-# The benchmark's quick run starts nine Spark applications (one per hand-off mode), the per-stage run four.
+# The benchmark's quick run starts one Spark application per hand-off mode, the per-stage run four.
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(1800)]
 
 
@@ -20,25 +20,20 @@ def _run(*args: str, cwd: Path) -> str:
     return out.stdout
 
 
-def test_pipeline_benchmark_quick_all_modes_identical(tmp_path: Path) -> None:
-    """bench/pipeline.py --quick: the log pipeline in all nine hand-off modes (flightcache with and
-    without shared-memory reads, Spark's own S3A shaped and unshaped, pyarrow's S3 shaped and
-    unshaped, local, flightcache with write-back, Alluxio) gives identical reports, and the JSON the benchmark
-    writes has what the README table is made from."""
-    _run(str(ROOT / "bench" / "pipeline.py"), "--quick", "--modes", "all", "--out", str(tmp_path), cwd=tmp_path)
+def test_pipeline_benchmark_quick_modes_identical(tmp_path: Path) -> None:
+    """bench/pipeline.py --quick: the log pipeline handing off through Spark's own S3A (shaped and unshaped),
+    pyarrow's S3, local Parquet and flightcache (the JVM connector; with write-back too) gives identical
+    reports, and the JSON the benchmark writes has what the README table is made from. (The alluxio mode,
+    whose cluster takes minutes to start, is checked by hand with --modes alluxio,s3a-local: README.)"""
+    modes = ("s3a-cloud", "s3a-local", "s3-cloud", "local", "flightcache", "flightcache-async")
+    _run(
+        str(ROOT / "bench" / "pipeline.py"),
+        *("--quick", "--modes", ",".join(modes), "--out", str(tmp_path)),
+        cwd=tmp_path,
+    )
     result = json.loads((tmp_path / "pipeline.json").read_text())
     assert result["reports_identical"] is True and result["report_rows"] > 0
-    assert set(result["modes"]) == {
-        "s3a-cloud",
-        "s3a-local",
-        "s3-cloud",
-        "s3-local",
-        "local",
-        "flightcache",
-        "flightcache-noshm",
-        "flightcache-async",
-        "alluxio",
-    }
+    assert set(result["modes"]) == set(modes)
     for mode in result["modes"].values():
         assert len(mode["total_s"]) == 1 and len(mode["app_start_s"]) == 1  # one application, started apart
         assert set(mode["stage_means_s"]) == {"ingest", "parse", "sessionize", "report"}

@@ -8,7 +8,18 @@ import pytest
 
 from flightcache.errors import InvalidRequestError
 from flightcache.filters import parse_filter
-from flightcache.protocol import PutOptions, ReadRequest, Ticket, action_name, descriptor_name
+from flightcache.protocol import (
+    ACTIONS,
+    CORE,
+    READ,
+    WRITE,
+    WRITE_ACTIONS,
+    NameRequest,
+    PutOptions,
+    ReadRequest,
+    Ticket,
+    descriptor_name,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,11 +69,26 @@ def test_put_options_reject_bool_for_int() -> None:
 
 
 def test_action_bodies() -> None:
-    assert action_name(b'{"name": "a/b"}', "drop") == "a/b"
-    assert action_name(b"a/b", "drop") == "a/b"
+    """A one-dataset action takes {"name": ...} or the bare name; anything else is refused."""
+    assert NameRequest.from_bytes(b'{"name": "a/b"}').name == "a/b"
+    assert NameRequest.from_bytes(b"a/b").name == "a/b"
     for bad in (b'{"name": "a", "x": 1}', b'{"name": 1}', b"\xff"):
         with pytest.raises(InvalidRequestError):
-            action_name(bad, "drop")
+            NameRequest.from_bytes(bad)
+    with pytest.raises(InvalidRequestError, match="empty body"):
+        ACTIONS["list"].decode(b"x")
+
+
+def test_every_action_is_declared_once_with_role_and_handler() -> None:
+    """The registry is the one list: the server has a handler for each core action, and nothing else."""
+    from flightcache.server.flight import FlightcacheServer
+
+    handlers = {n.removeprefix("_do_") for n in dir(FlightcacheServer) if n.startswith("_do_")}
+    assert handlers == {name for name, a in ACTIONS.items() if a.service == CORE}
+    writes = {"drop", "load", "refresh", "persist", "pin", "unpin", "evict", "commit", "abort", "adopt", "sql"}
+    assert writes == WRITE_ACTIONS
+    for a in ACTIONS.values():
+        assert a.role in (READ, WRITE) and "Body:" in a.describe() and "Role:" in a.describe()
 
 
 def test_descriptors() -> None:

@@ -20,18 +20,19 @@ from conftest import every_type_table, logs_table, start_server, stop_server
 import flightcache
 from flightcache.errors import MemoryFullError
 from flightcache.protocol import ShmRequest
-from flightcache.server import FlightcacheServer
-from flightcache.shm import NONCE_KEY, SharedMemory, read_shared
-from flightcache.storage import Storage
-from flightcache.store import Store, buffer_sizes
+from flightcache.server.arrays import buffer_sizes
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
+from flightcache.server.shm import SharedMemory
+from flightcache.server.store import Store
+from flightcache.shm import NONCE_KEY, read_shared
 
 ROOT = Path("/dev/shm") / f"flightcache-{os.getuid()}"
 
 
 def serve(memory_limit: int = 256 * 2**20, **kwargs: object) -> FlightcacheServer:
     kwargs.setdefault("shm", "on")
-    store = Store(memory_limit, retain_seconds=kwargs.pop("retain_seconds", 60.0))  # type: ignore[arg-type]
-    return FlightcacheServer("grpc://127.0.0.1:0", store=store, **kwargs)  # type: ignore[arg-type]
+    return build_server(ServerConfig(memory_limit=memory_limit, **kwargs))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -162,7 +163,7 @@ def test_a_mapped_version_stays_valid_while_replaced_and_dropped(
 
 def test_files_go_with_retention_drop_eviction_and_shutdown(tmp_path: Path) -> None:
     """A file is unlinked when no version uses it: retention expiry, drop, eviction, shutdown."""
-    server = serve(retain_seconds=0, storage=Storage(str(tmp_path / "storage")))
+    server = serve(retain_seconds=0, storage=str(tmp_path / "storage"))
     fc = flightcache.connect(f"grpc://127.0.0.1:{server.port}")
     try:
         fc.put("a", logs_table(1000))
@@ -298,8 +299,8 @@ def test_shm_request_round_trip() -> None:
 
 
 def test_duckdb_attach_reads_through_shared_memory(fc: flightcache.Client) -> None:
-    """flightcache.duck scans map the data; the filter runs here with the same result."""
-    from flightcache import duck
+    """flightcache.integrations.duck scans map the data; the filter runs here with the same result."""
+    from flightcache.integrations import duck
 
     table = logs_table(20_000)
     fc.put("logs/raw", table)
@@ -318,7 +319,9 @@ def test_spark_reader_maps_partitions(spark: object, fc: flightcache.Client) -> 
     """Spark's Python workers map their endpoint's batches; option shm=false streams; both equal."""
     table = logs_table(40_000)
     fc.put("logs/raw", table)
-    reader = spark.read.format("flightcache").option("uri", fc.uri)  # type: ignore[attr-defined]
+    from flightcache.integrations.spark import FORMAT  # the Python data source: it maps shared memory
+
+    reader = spark.read.format(FORMAT).option("uri", fc.uri)  # type: ignore[attr-defined]
     before = shm_reads(fc)
     mapped = reader.option("filter", "status >= 500").load("logs/raw").toArrow()
     assert shm_reads(fc) > before

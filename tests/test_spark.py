@@ -44,10 +44,10 @@ from pyspark.sql.datasource import (
 )
 
 import flightcache
-import flightcache.spark as fs
+import flightcache.integrations.spark as fs
 from flightcache.protocol import Ticket
-from flightcache.server import FlightcacheServer
-from flightcache.store import Store
+from flightcache.server.config import ServerConfig, build_server
+from flightcache.server.flight import FlightcacheServer
 
 # Until pyproject.toml carries it: pyspark warns on every pandas/Arrow UDF (mapInArrow here) with pandas >= 3.
 
@@ -86,11 +86,11 @@ def _uri(server: FlightcacheServer) -> str:
 
 
 def _read(spark: SparkSession, uri: str, name: str, **options: str) -> DataFrame:
-    return spark.read.format("flightcache").option("uri", uri).options(**options).load(name)
+    return spark.read.format(fs.FORMAT).option("uri", uri).options(**options).load(name)
 
 
 def _write(df: DataFrame, uri: str, name: str, mode: str = "overwrite", **options: str) -> None:
-    df.write.format("flightcache").option("uri", uri).options(**options).mode(mode).save(name)
+    df.write.format(fs.FORMAT).option("uri", uri).options(**options).mode(mode).save(name)
 
 
 def _settled(server: FlightcacheServer, timeout: float = 15) -> dict[str, Any]:
@@ -112,14 +112,14 @@ def _pushed_expression(ticket: Ticket) -> str:
 
 
 def test_pyspark_is_imported_only_by_flightcache_spark() -> None:
-    """`import flightcache` never loads pyspark; without pyspark, flightcache.spark names the pip extra."""
+    """`import flightcache` never loads pyspark; without pyspark, flightcache.integrations.spark names the pip extra."""
     code = textwrap.dedent("""
         import sys
         import flightcache
         assert "pyspark" not in sys.modules, "import flightcache imported pyspark"
         sys.modules["pyspark"] = None  # as if it were not installed
         try:
-            import flightcache.spark
+            import flightcache.integrations.spark
         except flightcache.NotInstalledError as e:
             print(e)
     """)
@@ -321,7 +321,7 @@ def test_if_exists_holds_when_the_dataset_appears_after_planning(
 @pytest.mark.spark
 def test_read_has_one_partition_per_endpoint(spark: SparkSession) -> None:
     """A dataset of several Flight endpoints is read as that many Spark partitions, all rows intact."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=10_000), endpoint_bytes=256 * 1024)
+    srv = build_server(ServerConfig(batch_rows=10_000, endpoint_bytes=256 * 1024))
     try:
         client = flightcache.connect(_uri(srv))
         table = pa.table({"id": pa.array(range(100_000), pa.int64()), "x": pc.multiply(pa.array(range(100_000)), 0.5)})
@@ -339,7 +339,7 @@ def test_read_has_one_partition_per_endpoint(spark: SparkSession) -> None:
 def test_a_small_dataset_is_read_in_as_many_partitions_as_spark_has_cores(spark: SparkSession) -> None:
     """Far below one endpoint's bytes, a read is still split to the session's default parallelism (as Spark's
     file sources do), or to the partitions option, as far as the dataset's batches allow."""
-    srv = FlightcacheServer("grpc://127.0.0.1:0", store=Store(batch_rows=1000))
+    srv = build_server(ServerConfig(batch_rows=1000))
     try:
         uri = _uri(srv)
         client = flightcache.connect(uri)
@@ -379,7 +379,7 @@ def test_columns_schema_and_filter_options_are_applied_by_the_server(
     assert df.where("method = 'GET'").count() + df.where("method <> 'GET'").count() == df.count() == len(rows)
     recording.take_tickets()
 
-    narrow = spark.read.format("flightcache").schema("bytes BIGINT, status INT").option("uri", uri).load("logs")
+    narrow = spark.read.format(fs.FORMAT).schema("bytes BIGINT, status INT").option("uri", uri).load("logs")
     assert narrow.toArrow().equals(table.select(["bytes", "status"]))
     assert {tuple(t.columns or ()) for t in recording.take_tickets()} == {("bytes", "status")}
 
@@ -450,7 +450,7 @@ def test_uri_defaults_to_flightcache_uri_of_the_driver(
     monkeypatch.setenv("FLIGHTCACHE_URI", client.uri)
     try:
         fs.register(spark)
-        assert spark.read.format("flightcache").load("logs").count() == 10
+        assert spark.read.format(fs.FORMAT).load("logs").count() == 10
     finally:
         spark.sparkContext.environment.pop("FLIGHTCACHE_URI", None)
         monkeypatch.delenv("FLIGHTCACHE_URI")
@@ -508,6 +508,7 @@ def test_a_task_failing_midway_leaves_the_previous_version(
     """When one task fails after others staged their parts, nothing is published and nothing stays staged."""
     client.put("victim", pa.table({"id": pa.array([-1, -2], pa.int64())}))
     before = server.stats()
+    uri, staged_by_the_others = client.uri, before["puts"] + 2  # a staged part counts as a put
 
     def fail_midway(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -519,7 +520,10 @@ def test_a_task_failing_midway_leaves_the_previous_version(
             # after two batches of 10,000 rows: more than the worker's 64 KiB output buffer, so that
             # this task's writer has started streaming to the server when the task fails
             if last and rows >= 20_000:
-                time.sleep(1.5)  # the other tasks have staged their parts by now
+                with flightcache.connect(uri) as fc:  # fail once the other two tasks have staged their parts
+                    deadline = time.monotonic() + 120
+                    while fc.stats()["puts"] < staged_by_the_others and time.monotonic() < deadline:
+                        time.sleep(0.05)
                 raise RuntimeError("task failed midway")
 
     df = spark.range(0, 90_000, numPartitions=3).mapInArrow(fail_midway, "id long")

@@ -9,9 +9,7 @@ import pytest
 from conftest import MotoS3, every_type_table, logs_table
 
 from flightcache.errors import StorageError
-from flightcache.storage import MANIFEST, Storage, is_transient, read_external, redacted
-
-pytestmark = pytest.mark.s3
+from flightcache.server.storage import MANIFEST, Storage, is_transient, read_external, redacted
 
 
 def _files(storage: Storage, name: str) -> list[str]:
@@ -34,17 +32,17 @@ def test_version_round_trip_every_type(storage_uri: str) -> None:
 
 
 def test_layout_parts_manifest_and_old_versions_removed(storage_uri: str) -> None:
-    """<name>/v<N>/part-NNNNN.parquet + manifest; committing v2 removes v1."""
-    storage = Storage(storage_uri, part_bytes=50_000)
+    """<name>/v<N>-<writer>/part-NNNNN.parquet + manifest; committing v2 removes the v1 this writer wrote."""
+    storage = Storage(storage_uri, part_bytes=50_000, grace_seconds=0)  # the only writer: old versions go at once
     table = logs_table(20_000)
     storage.write_version("logs/raw", 1, table.schema, table.to_batches(max_chunksize=2000))
     m2 = storage.write_version("logs/raw", 2, table.schema, table.to_batches(max_chunksize=2000))
     files = _files(storage, "logs/raw")
-    assert all(f.startswith("logs/raw/v2/") for f in files)
-    assert f"logs/raw/v2/{MANIFEST}" in files
-    assert [f for f in files if f.endswith(".parquet")] == [
-        f"logs/raw/v2/part-{i:05d}.parquet" for i in range(len(m2.files))
-    ]
+    v2 = f"logs/raw/v2-{storage.writer}"
+    assert m2.directory == v2.rsplit("/", 1)[-1]
+    assert all(f.startswith(f"{v2}/") for f in files)
+    assert f"{v2}/{MANIFEST}" in files
+    assert [f for f in files if f.endswith(".parquet")] == [f"{v2}/part-{i:05d}.parquet" for i in range(len(m2.files))]
     assert len(m2.files) > 1  # parallel multi-file write
     assert all(len(f["sha256"]) == 64 for f in m2.files)
     assert storage.read_version(m2).equals(table)
@@ -69,7 +67,7 @@ def test_checksum_mismatch_is_detected(storage_uri: str) -> None:
     storage = Storage(storage_uri)
     table = logs_table(100)
     m = storage.write_version("a", 1, table.schema, table.to_batches())
-    with storage.fs.open_output_stream(f"{storage.root}/a/v1/{m.files[0]['path']}") as out:
+    with storage.fs.open_output_stream(f"{storage.root}/a/{m.directory}/{m.files[0]['path']}") as out:
         out.write(b"tampered")
     with pytest.raises(StorageError, match="checksum mismatch"):
         storage.read_version(m)

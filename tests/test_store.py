@@ -17,7 +17,10 @@ from flightcache.errors import (
     MemoryFullError,
     SchemaMismatchError,
 )
-from flightcache.store import Store, buffer_sizes, format_bytes, parse_bytes, validate_name
+from flightcache.names import validate_name
+from flightcache.server.arrays import buffer_sizes
+from flightcache.server.store import Store
+from flightcache.units import format_bytes, parse_bytes
 
 
 class Clock:
@@ -292,7 +295,7 @@ def test_sizes_parse_and_format() -> None:
 
 def test_misaligned_buffers_are_realigned_once() -> None:
     """Batches whose buffers sit at odd addresses (as Flight delivers them) are stored aligned."""
-    from flightcache.store import aligned
+    from flightcache.server.arrays import aligned
 
     values = pa.py_buffer(b"\x00" + (42).to_bytes(8, "little") * 1000)
     odd = pa.Array.from_buffers(pa.int64(), 1000, [None, values.slice(1)])

@@ -1,0 +1,151 @@
+package io.flightcache.spark.read;
+
+import io.flightcache.spark.protocol.Connection;
+import io.flightcache.spark.protocol.FlightcacheException;
+import java.util.ArrayList;
+import java.util.List;
+import org.apache.arrow.flight.FlightRuntimeException;
+import org.apache.arrow.flight.FlightStream;
+import org.apache.arrow.flight.Ticket;
+import org.apache.arrow.memory.BufferAllocator;
+import org.apache.arrow.vector.FieldVector;
+import org.apache.arrow.vector.VectorSchemaRoot;
+import org.apache.spark.sql.connector.read.PartitionReader;
+import org.apache.spark.sql.types.StructType;
+import org.apache.spark.sql.vectorized.ColumnVector;
+import org.apache.spark.sql.vectorized.ColumnarBatch;
+
+/**
+ * Streams one endpoint with do_get and hands Spark each received batch as ArrowColumnVectors over the
+ * stream's own vectors (no copy); only columns of types Spark cannot read as they are get converted.
+ * A batch is valid until the next call of next(), as Spark's columnar contract says. Everything is
+ * allocated from a per-task child allocator, closed (once) with the stream and the client.
+ */
+final class ColumnarReader implements PartitionReader<ColumnarBatch> {
+  private final EndpointPartition partition;
+  private final StructType schema;
+  private BufferAllocator allocator;
+  private Connection connection;
+  private FlightStream stream;
+  private Conversion[] conversions; // per column, null where Spark reads the vector as it is
+  private final List<FieldVector> converted = new ArrayList<>(); // this batch's converted vectors
+  private VectorSchemaRoot root; // the root the cached vectors wrap
+  private ColumnVector[] vectors;
+  private ColumnarBatch batch;
+  private boolean closed;
+
+  ColumnarReader(EndpointPartition partition, StructType schema) {
+    this.partition = partition;
+    this.schema = schema;
+  }
+
+  @Override
+  public boolean next() {
+    if (closed) {
+      return false;
+    }
+    try {
+      if (stream == null) {
+        open();
+      }
+      releaseConverted();
+      while (stream.next()) {
+        VectorSchemaRoot current = stream.getRoot();
+        if (current.getRowCount() == 0) {
+          continue;
+        }
+        batch = wrap(current);
+        return true;
+      }
+      finish();
+      return false;
+    } catch (FlightRuntimeException e) {
+      FlightcacheException explained = partition.connectionExplain(e);
+      if ("DATASET_NOT_FOUND".equals(explained.code())) {
+        throw new FlightcacheException(
+            explained.code(),
+            explained.getMessage() + " (a DataFrame reads the version that was current when its query was planned; "
+                + "load() it again to read the current one)",
+            e);
+      }
+      throw explained;
+    }
+  }
+
+  private void open() {
+    allocator = Allocators.child("read " + partition.options.name);
+    connection = new Connection(partition.options, partition.uri, allocator);
+    stream = connection.client().getStream(new Ticket(partition.ticket));
+    List<org.apache.arrow.vector.types.pojo.Field> fields = stream.getSchema().getFields();
+    conversions = new Conversion[fields.size()];
+    for (int i = 0; i < fields.size(); i++) {
+      if (!io.flightcache.spark.types.TypeMapping.isNative(fields.get(i))) {
+        conversions[i] = new Conversion(fields.get(i), schema.fields()[i].dataType());
+      }
+    }
+  }
+
+  private ColumnarBatch wrap(VectorSchemaRoot current) {
+    int n = current.getFieldVectors().size();
+    if (current != root || vectors == null) { // FlightStream reloads the same root: wrap its vectors once
+      root = current;
+      vectors = new ColumnVector[n];
+      for (int i = 0; i < n; i++) {
+        if (conversions[i] == null) {
+          vectors[i] = new BorrowedArrowColumnVector(current.getVector(i));
+        }
+      }
+    }
+    ColumnVector[] columns = vectors.clone();
+    for (int i = 0; i < n; i++) {
+      if (conversions[i] != null) {
+        FieldVector out = conversions[i].convert(current.getVector(i), stream.getDictionaryProvider(), allocator);
+        converted.add(out);
+        columns[i] = new BorrowedArrowColumnVector(out);
+      }
+    }
+    return new ColumnarBatch(columns, current.getRowCount());
+  }
+
+  @Override
+  public ColumnarBatch get() {
+    return batch;
+  }
+
+  private void releaseConverted() {
+    for (FieldVector v : converted) {
+      v.close();
+    }
+    converted.clear();
+    batch = null;
+  }
+
+  /** The stream ended: release it now rather than when Spark closes the reader. */
+  private void finish() {
+    close();
+  }
+
+  @Override
+  public void close() {
+    if (closed) {
+      return;
+    }
+    closed = true;
+    releaseConverted();
+    try {
+      if (stream != null) {
+        stream.close();
+      }
+    } catch (Exception e) {
+      // a stream cut short (a LIMIT, a cancelled task) is drained or cancelled by close(); nothing to keep
+    } finally {
+      stream = null;
+      if (connection != null) {
+        connection.close();
+      }
+      if (allocator != null) {
+        allocator.close();
+      }
+    }
+  }
+}

@@ -1,0 +1,171 @@
+package io.flightcache.spark.write;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import com.fasterxml.jackson.databind.ObjectMapper;
+import io.flightcache.spark.Options;
+import io.flightcache.spark.protocol.Connection;
+import io.flightcache.spark.protocol.FlightcacheException;
+import io.flightcache.spark.protocol.Wire;
+import io.flightcache.spark.read.Allocators;
+import io.flightcache.spark.read.FlightcacheScanBuilder;
+import java.io.BufferedReader;
+import java.io.InputStreamReader;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.Map;
+import org.apache.arrow.memory.BufferAllocator;
+import org.apache.spark.sql.catalyst.expressions.GenericInternalRow;
+import org.apache.spark.sql.connector.read.InputPartition;
+import org.apache.spark.sql.connector.read.PartitionReader;
+import org.apache.spark.sql.connector.read.PartitionReaderFactory;
+import org.apache.spark.sql.connector.read.Scan;
+import org.apache.spark.sql.connector.write.WriterCommitMessage;
+import org.apache.spark.sql.types.DataTypes;
+import org.apache.spark.sql.types.StructType;
+import org.apache.spark.sql.vectorized.ColumnarBatch;
+import org.apache.spark.unsafe.types.UTF8String;
+import org.junit.jupiter.api.AfterAll;
+import org.junit.jupiter.api.Assumptions;
+import org.junit.jupiter.api.BeforeAll;
+import org.junit.jupiter.api.Test;
+
+/** The write and read paths against a real `flightcache serve` from the project's venv (no Spark session). */
+class ServerRoundTripTest {
+  private static Process server;
+  private static String uri;
+
+  @BeforeAll
+  static void start() throws Exception {
+    String python = System.getenv("FLIGHTCACHE_PYTHON");
+    Assumptions.assumeTrue(python != null && Files.isExecutable(Path.of(python)), "no FLIGHTCACHE_PYTHON: skipped");
+    server =
+        new ProcessBuilder(python, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", "--storage", "none")
+            .redirectError(ProcessBuilder.Redirect.INHERIT)
+            .start();
+    BufferedReader out = new BufferedReader(new InputStreamReader(server.getInputStream(), StandardCharsets.UTF_8));
+    StringBuilder json = new StringBuilder();
+    for (String line = out.readLine(); line != null; line = out.readLine()) {
+      json.append(line).append('\n');
+      if (line.startsWith("}")) {
+        break;
+      }
+    }
+    uri = (String) new ObjectMapper().readValue(json.toString(), Map.class).get("uri");
+  }
+
+  @AfterAll
+  static void stop() throws Exception {
+    if (server != null) {
+      server.destroy();
+      server.waitFor();
+    }
+  }
+
+  private static Options options(String name, Map<String, String> extra) {
+    Map<String, String> all = new java.util.HashMap<>(extra);
+    all.put("path", name);
+    all.put("uri", uri);
+    return Options.parse(all, Map.of());
+  }
+
+  private static final StructType SCHEMA =
+      new StructType().add("id", DataTypes.LongType).add("name", DataTypes.StringType);
+
+  private static StagedPart stage(FlightcacheBatchWrite job, int partition, long from, long to) throws Exception {
+    PartWriter writer = (PartWriter) job.createBatchWriterFactory(null).createWriter(partition, partition);
+    try {
+      for (long i = from; i < to; i++) {
+        writer.write(new GenericInternalRow(new Object[] {i, i % 3 == 0 ? null : UTF8String.fromString("n" + i)}));
+      }
+      return (StagedPart) writer.commit();
+    } finally {
+      writer.close();
+    }
+  }
+
+  private static long[] read(Options options) throws Exception {
+    Scan scan = new FlightcacheScanBuilder(options, SCHEMA, null).build();
+    InputPartition[] partitions = scan.toBatch().planInputPartitions();
+    PartitionReaderFactory factory = scan.toBatch().createReaderFactory();
+    long rows = 0;
+    long sum = 0;
+    for (InputPartition p : partitions) {
+      assertEquals("127.0.0.1", p.preferredLocations()[0]);
+      try (PartitionReader<ColumnarBatch> reader = factory.createColumnarReader(p)) {
+        while (reader.next()) {
+          ColumnarBatch batch = reader.get();
+          for (int r = 0; r < batch.numRows(); r++) {
+            sum += batch.column(0).getLong(r);
+            if (batch.column(0).getLong(r) % 3 == 0) {
+              assertTrue(batch.column(1).isNullAt(r));
+            } else {
+              assertEquals("n" + batch.column(0).getLong(r), batch.column(1).getUTF8String(r).toString());
+            }
+          }
+          rows += batch.numRows();
+          batch.close(); // Spark may close a batch: the stream's vectors must survive it
+        }
+      }
+    }
+    return new long[] {rows, sum};
+  }
+
+  private static Map<String, Object> info(Options options) {
+    try (BufferAllocator a = Allocators.child("test"); Connection c = new Connection(options, a)) {
+      return c.action("info", Wire.named(options.name), "read").get(0);
+    }
+  }
+
+  /** Two tasks' parts become one version at the job's commit, and read back whole; nothing leaks. */
+  @Test
+  void writeCommitRead() throws Exception {
+    Options o = options("java/round", Map.of());
+    FlightcacheBatchWrite job = new FlightcacheBatchWrite(o, SCHEMA, true);
+    StagedPart a = stage(job, 0, 0, 200_000); // more than one batch
+    StagedPart b = stage(job, 1, 200_000, 250_000);
+    assertThrows(FlightcacheException.class, () -> info(o), "invisible before the commit");
+    job.commit(new WriterCommitMessage[] {a, b});
+    assertEquals(250_000, ((Number) info(o).get("rows")).intValue());
+    long[] got = read(o);
+    assertEquals(250_000, got[0]);
+    assertEquals(249_999L * 250_000L / 2, got[1]);
+    assertEquals(0, Allocators.allocatedMemory());
+  }
+
+  /** An aborted job publishes nothing and leaves the previous version; append adds a version. */
+  @Test
+  void abortAndAppend() throws Exception {
+    Options o = options("java/abort", Map.of());
+    FlightcacheBatchWrite first = new FlightcacheBatchWrite(o, SCHEMA, true);
+    first.commit(new WriterCommitMessage[] {stage(first, 0, 0, 10)});
+    FlightcacheBatchWrite failed = new FlightcacheBatchWrite(o, SCHEMA, true);
+    StagedPart part = stage(failed, 0, 0, 1000);
+    failed.abort(new WriterCommitMessage[] {part});
+    assertEquals(10, ((Number) info(o).get("rows")).intValue());
+    FlightcacheBatchWrite append = new FlightcacheBatchWrite(o, SCHEMA, false);
+    append.commit(new WriterCommitMessage[] {stage(append, 0, 10, 20)});
+    Map<String, Object> after = info(o);
+    assertEquals(20, ((Number) after.get("rows")).intValue());
+    assertEquals(2, ((Number) after.get("version")).intValue());
+    assertEquals(0, Allocators.allocatedMemory());
+  }
+
+  /** A task whose writer is aborted midway stages nothing; errors name the dataset and the server. */
+  @Test
+  void errors() throws Exception {
+    Options o = options("java/missing", Map.of());
+    FlightcacheException missing = assertThrows(FlightcacheException.class, () -> read(o));
+    assertEquals("DATASET_NOT_FOUND", missing.code());
+    assertTrue(missing.getMessage().contains("'java/missing'") && missing.getMessage().contains(uri), missing.getMessage());
+    Options exists = options("java/abort", Map.of("if_exists", "error"));
+    FlightcacheException e = assertThrows(FlightcacheException.class, () -> new FlightcacheBatchWrite(exists, SCHEMA, false));
+    assertEquals("DATASET_EXISTS", e.code());
+    Options closed = Options.parse(Map.of("path", "x", "uri", "grpc://127.0.0.1:1"), Map.of());
+    FlightcacheException unreachable = assertThrows(FlightcacheException.class, () -> read(closed));
+    assertTrue(unreachable.getMessage().contains("cannot reach the flightcache server at grpc://127.0.0.1:1"));
+  }
+}
