@@ -6,7 +6,7 @@ A hand-off is where one stage leaves its output for the next:
 * ``s3a``: Spark's own Parquet on ``s3a://`` paths, through Spark's S3 connector (pipelines/s3a.py),
   what Spark users on S3 run: the baseline the cache replaces;
 * ``s3``: Parquet files in object storage, read and written through pyarrow's S3 filesystem
-  (format ``arrow-parquet``), the baseline before S3A was set up here;
+  (format ``arrow-parquet``, ``pipelines/arrow_parquet.py``), the baseline before S3A was set up here;
 * ``local``: Spark's own Parquet on local disk;
 * ``alluxio``: Spark's own Parquet on ``alluxio://`` paths, an Alluxio master and worker on this
   host (pipelines/alluxio.py).
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import arrow_parquet
 import s3a
 
 HANDOFFS = ("flightcache", "s3a", "s3", "local", "alluxio")
@@ -153,6 +154,7 @@ def spark_session(app: str, cores: int = 2) -> Any:
     spark = s3a.configure(builder, extra_jars=extra_jars).getOrCreate()  # every stage reads its input with S3A
     spark.sparkContext.setLogLevel("ERROR")
     flightcache.integrations.spark.register(spark)
+    arrow_parquet.register(spark)  # the pyarrow-S3 baseline of the s3 hand-off
     return spark
 
 

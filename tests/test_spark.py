@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pytest
-from conftest import every_type_table, logs_table
+from conftest import ROOT, every_type_table, logs_table
 
 pytest.importorskip("pyspark")
 
@@ -616,9 +616,14 @@ def test_arrow_types_spark_lacks_are_read_widened(spark: SparkSession, client: f
 
 @pytest.mark.spark
 def test_arrow_parquet_writes_to_a_local_directory_that_does_not_exist_yet(
-    spark: SparkSession, tmp_path: Path
+    spark: SparkSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The object-storage baseline format also writes local paths: it creates the directory (S3 has none)."""
+    """The pipelines' object-storage baseline format (pipelines/arrow_parquet.py, not in the library) also
+    writes local paths: it creates the directory (S3 has none)."""
+    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))
+    import arrow_parquet
+
+    arrow_parquet.register(spark)
     dest = tmp_path / "new" / "dir"
     spark.range(10).write.format("arrow-parquet").mode("overwrite").save(str(dest))
     assert sorted(r.id for r in spark.read.format("arrow-parquet").load(str(dest)).collect()) == list(range(10))

@@ -142,9 +142,6 @@ def register(spark: SparkSession) -> None:
     with suppress(AttributeError):
         spark.sparkContext.environment[PARALLELISM_ENV] = str(spark.sparkContext.defaultParallelism)
     spark.dataSource.register(FlightcacheDataSource)
-    from ..spark_parquet import ArrowParquetDataSource  # the object-storage baseline, same session
-
-    spark.dataSource.register(ArrowParquetDataSource)
 
 
 # -- options ---------------------------------------------------------------------------------------

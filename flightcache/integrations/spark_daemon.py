@@ -26,7 +26,6 @@ PRELOADED = (
     "pyarrow.compute",
     "pyarrow.flight",
     "flightcache.integrations.spark",
-    "flightcache.spark_parquet",
     # the worker modules Spark names when it forks a child for a Python data source or a UDF
     "pyspark.worker",
     "pyspark.sql.worker.lookup_data_sources",
