@@ -6,8 +6,12 @@ A real server per test and one real local Spark session (conftest) with the conn
 from __future__ import annotations
 
 import functools
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,6 +343,92 @@ def test_a_task_failing_midway_leaves_the_previous_version(
     assert stats["open_transactions"] == 0 and stats["memory_staged"] == 0
     assert client.info("victim")["version"] == 1
     assert client.get("victim")["id"].to_pylist() == [-1, -2]
+
+
+# A driver of its own in local-cluster mode (the session fixture is local[2]: one JVM, and no task retries):
+# a standalone master and two workers inside the driver's JVM, each with one executor JVM of its own.
+# Every 65,536th row sleeps 300 ms, so each task streams for seconds and the kill lands mid-stream.
+CLUSTER_WRITER = """
+import sys
+from pyspark.sql import SparkSession
+import flightcache.integrations.spark_jvm as jvm
+uri, name, rows, parts = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+spark = (jvm.configure(SparkSession.builder).master("local-cluster[2,1,1024]")
+         .config("spark.task.maxFailures", "4").config("spark.ui.enabled", "false").getOrCreate())
+df = spark.range(0, rows, numPartitions=parts).selectExpr(
+    "id", "sha2(cast(id AS string), 256) AS h",
+    "CASE WHEN id % 65536 = 0 THEN reflect('java.lang.Thread', 'sleep', 300L) END AS pause")
+df.write.format("flightcache").option("uri", uri).mode("overwrite").save(name)
+spark.stop()
+print("written")
+"""
+
+
+def _executor_pids(root: int) -> list[int]:
+    """The executor JVMs (CoarseGrainedExecutorBackend) among the descendants of process `root`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue  # not a process
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    descendants, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - descendants
+        descendants |= frontier
+    found = []
+    for pid in descendants:
+        try:
+            if b"CoarseGrainedExecutorBackend" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_a_killed_executor_is_retried_and_publishes_each_row_once(
+    client: flightcache.Client, server: FlightcacheServer, tmp_path: Path
+) -> None:
+    """An executor JVM killed (SIGKILL) mid-write: its task reruns elsewhere and the job publishes one version with
+    every row exactly once (the cut part is not in it); the old version reads until then; nothing stays staged."""
+    client.put("victim", pa.table({"id": pa.array([-1, -2], pa.int64())}))
+    rows, parts = 1_200_000, 4
+    log = tmp_path / "driver.log"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    with log.open("wb") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", CLUSTER_WRITER, client.uri, "victim", str(rows), str(parts)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while server.stats()["memory_staged"] == 0 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.stats()["memory_staged"] > 0, f"no task streamed: {log.read_text()[-3000:]}"
+        executors = _executor_pids(driver.pid)
+        assert len(executors) == 2, f"expected two executor JVMs, found {executors}"
+        os.kill(executors[0], signal.SIGKILL)
+        # mid-write: the job has not committed, readers still get the previous version
+        assert client.info("victim")["version"] == 1
+        assert client.get("victim")["id"].to_pylist() == [-1, -2]
+        assert driver.poll() is None
+        assert driver.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert "written" in log.read_text()
+    assert client.info("victim")["version"] == 2
+    ids = client.get("victim")["id"].to_pylist()
+    assert len(ids) == rows and sorted(ids) == list(range(rows))
+    stats = _settled(server)
+    # the killed task's cut stream was aborted; the put of v1 and the four parts' retried or first attempts stand
+    assert stats["puts_aborted"] >= 1 and stats["puts"] == 1 + parts
+    assert stats["open_transactions"] == 0 and stats["memory_staged"] == 0
 
 
 # -- errors --------------------------------------------------------------------------------------------
