@@ -45,8 +45,8 @@ CODES = {
     "INTERNAL",
 }
 ACTIONS = {"drop", "info", "list", "stats", "healthcheck", "commit", "abort", "load", "persist", "pin", "unpin"}
-ACTIONS |= {"evict", "shm", "adopt", "sql", "CreatePreparedStatement", "ClosePreparedStatement", "CancelFlightInfo"}
-ACTIONS |= {"CancelQuery"}
+ACTIONS |= {"evict", "shm", "adopt", "refresh", "sql", "CreatePreparedStatement", "ClosePreparedStatement"}
+ACTIONS |= {"CancelFlightInfo", "CancelQuery"}
 
 
 def table(rows: int = 100, start: int = 0) -> pa.Table:
@@ -398,7 +398,8 @@ def test_dataset_actions(c: flight.FlightClient) -> None:
     [by_json] = action(c, "info", {"v": 1, "name": "conf/act"})
     assert by_name["rows"] == by_json["rows"] == 10
     keys = {"name", "version", "rows", "bytes", "batches", "created", "last_read", "state", "in_memory"}
-    assert keys | {"persisted_version", "persist_error", "pinned", "expires", "counters", "schema"} == set(by_name)
+    keys |= {"persisted_version", "persist_error", "pinned", "expires", "counters", "schema"}
+    assert keys | {"unspillable", "corrupt_in_storage", "source"} == set(by_name)
     [listed] = action(c, "list")
     assert [d["name"] for d in listed] == ["conf/act"]
     assert action(c, "pin", b"conf/act")[0]["pinned"] is True

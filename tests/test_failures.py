@@ -302,9 +302,9 @@ def test_spark_reuses_one_connection_per_worker(spark: object) -> None:
         with flightcache.connect(uri) as client:
             client.put("spark/in", logs_table(40_000))
         for _ in range(2):
-            df = spark.read.format("flightcache").options(uri=uri, partitions="8", shm="false").load("spark/in")
+            df = spark.read.format("flightcache-python").options(uri=uri, partitions="8", shm="false").load("spark/in")
             assert df.rdd.getNumPartitions() == 8 and df.count() == 40_000
-        df.repartition(6).write.format("flightcache").option("uri", uri).mode("overwrite").save("spark/out")
+        df.repartition(6).write.format("flightcache-python").option("uri", uri).mode("overwrite").save("spark/out")
         with flightcache.connect(uri) as client:
             assert client.info("spark/out")["rows"] == 40_000
         # A reused worker's tasks share its client (a third worker at most, if Spark starts one more).

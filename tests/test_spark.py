@@ -76,7 +76,7 @@ class RecordingServer(FlightcacheServer):
 
 @pytest.fixture
 def recording() -> Iterator[RecordingServer]:
-    srv = RecordingServer("grpc://127.0.0.1:0")
+    srv = build_server(ServerConfig(), RecordingServer)
     yield srv
     srv.shutdown()
 
