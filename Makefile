@@ -33,8 +33,9 @@ alluxio-jars: $(ALLUXIO_JARS)
 # The JVM Spark connector, compiled against the jars of the installed pyspark and placed in the package
 # (flightcache/jars/, package data), where flightcache.integrations.spark_jvm.jar_path() finds it.
 JAR := flightcache/jars/flightcache-spark.jar
+# Expanded when a recipe runs (after the venv exists), not when make reads this file.
 PYSPARK_JARS = $(shell $(PY) -c "import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), 'jars'))")
-MVN := mvn -q -B -f connectors/spark/pom.xml -Dpyspark.jars=$(PYSPARK_JARS) -Dflightcache.python=$(abspath $(PY))
+MVN = mvn -q -B -f connectors/spark/pom.xml -Dpyspark.jars=$(PYSPARK_JARS) -Dflightcache.python=$(abspath $(PY))
 
 # Reinstalls when pyproject.toml or the lock changes (tests/test_lock.py fails when pyproject.toml
 # asks for something the lock does not pin).
