@@ -274,7 +274,7 @@ class Store:
             if txn in self._aborted:
                 raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} has no staged parts (aborted)")
             if txn in self._committed:
-                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} was already committed")
+                raise InvalidRequestError(f"transaction {txn!r} of dataset {name!r} was committed (or failed to)")
             t = self._txns.pop(txn, None)
             self._committed[txn] = self._clock() + self.txn_timeout
         if t is None:
