@@ -11,15 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 import flightcache
+from flightcache.protocol import Ticket
 from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
 
@@ -332,3 +335,38 @@ def spark() -> Iterator[object]:
         flightcache.integrations.spark.register(session)
         yield session
         session.stop()
+
+
+class RecordingServer(FlightcacheServer):
+    """A server that keeps the tickets it serves (what Spark asked for) and, with ``endpoint_host``,
+    names that host as every endpoint's location."""
+
+    def __init__(self, *args: Any, endpoint_host: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tickets: list[Ticket] = []
+        self.endpoint_host = endpoint_host
+        self._tickets_lock = threading.Lock()
+
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> Any:
+        info = super().get_flight_info(context, descriptor)
+        if self.endpoint_host is None:
+            return info
+        location = flight.Location.for_grpc_tcp(self.endpoint_host, self.port)
+        endpoints = [flight.FlightEndpoint(e.ticket, [location]) for e in info.endpoints]
+        return flight.FlightInfo(info.schema, info.descriptor, endpoints, info.total_records, info.total_bytes)
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        with self._tickets_lock:
+            self.tickets.append(Ticket.from_bytes(ticket.ticket))
+        return super().do_get(context, ticket)
+
+    def take_tickets(self) -> list[Ticket]:
+        with self._tickets_lock:
+            tickets, self.tickets = self.tickets, []
+        return tickets
+
+
+def files_of(srv: FlightcacheServer) -> list[str]:
+    """The files in a server's shared-memory directory."""
+    assert srv.cache.shm is not None
+    return sorted(os.listdir(srv.cache.shm.dir))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import every_type_table, logs_table
+from conftest import every_type_table, files_of, logs_table
 
 import flightcache
 from flightcache.errors import DatasetNotFoundError, InvalidRequestError, MemoryFullError, UnauthorizedError
@@ -37,11 +37,6 @@ def srv() -> Iterator[FlightcacheServer]:
 def fc(srv: FlightcacheServer) -> Iterator[flightcache.Client]:
     with flightcache.connect(f"grpc://127.0.0.1:{srv.port}") as c:
         yield c
-
-
-def files_of(srv: FlightcacheServer) -> list[str]:
-    assert srv.cache.shm is not None
-    return sorted(os.listdir(srv.cache.shm.dir))
 
 
 def streamed(srv: FlightcacheServer) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
-from conftest import every_type_table, logs_table, start_server, stop_server
+from conftest import every_type_table, files_of, logs_table, start_server, stop_server
 
 import flightcache
 from flightcache.errors import MemoryFullError
@@ -46,11 +46,6 @@ def srv() -> Iterator[FlightcacheServer]:
 def fc(srv: FlightcacheServer) -> Iterator[flightcache.Client]:
     with flightcache.connect(f"grpc://127.0.0.1:{srv.port}") as c:
         yield c
-
-
-def files_of(srv: FlightcacheServer) -> list[str]:
-    assert srv.cache.shm is not None
-    return sorted(os.listdir(srv.cache.shm.dir))
 
 
 def shm_reads(fc: flightcache.Client) -> int:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.flight as flight
 import pytest
-from conftest import ROOT, every_type_table, logs_table
+from conftest import ROOT, RecordingServer, every_type_table, logs_table
 
 pytest.importorskip("pyspark")
 
@@ -53,25 +51,6 @@ from flightcache.server.flight import FlightcacheServer
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-class RecordingServer(FlightcacheServer):
-    """A flightcache server that keeps every ticket it serves, to observe what Spark asked for."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tickets: list[Ticket] = []
-        self._lock = threading.Lock()
-
-    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
-        with self._lock:
-            self.tickets.append(Ticket.from_bytes(ticket.ticket))
-        return super().do_get(context, ticket)
-
-    def take_tickets(self) -> list[Ticket]:
-        with self._lock:
-            tickets, self.tickets = self.tickets, []
-        return tickets
 
 
 @pytest.fixture

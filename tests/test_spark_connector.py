@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
-from conftest import every_type_table, logs_table
+from conftest import RecordingServer, every_type_table, logs_table
 from test_security import READ_TOKEN, WRITE_TOKEN, self_signed
 
 pytest.importorskip("pyspark")
@@ -32,7 +31,6 @@ from pyspark.sql import DataFrame, SparkSession
 import flightcache
 import flightcache.integrations.spark as fs
 import flightcache.integrations.spark_jvm as jvm
-from flightcache.protocol import Ticket
 from flightcache.server.auth import Auth
 from flightcache.server.config import ServerConfig, build_server
 from flightcache.server.flight import FlightcacheServer
@@ -49,27 +47,6 @@ def _jar_built() -> None:
         pytest.fail("the connector's jar is not built: run 'make jar' (make test builds it first)")
 
 SparkError = (PySparkException, Py4JJavaError)
-
-
-class RecordingServer(FlightcacheServer):
-    """A server that keeps the tickets it serves and, optionally, names a host in every endpoint."""
-
-    def __init__(self, *args: Any, endpoint_host: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tickets: list[Ticket] = []
-        self.endpoint_host = endpoint_host
-
-    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> Any:
-        info = super().get_flight_info(context, descriptor)
-        if self.endpoint_host is None:
-            return info
-        location = flight.Location.for_grpc_tcp(self.endpoint_host, self.port)
-        endpoints = [flight.FlightEndpoint(e.ticket, [location]) for e in info.endpoints]
-        return flight.FlightInfo(info.schema, info.descriptor, endpoints, info.total_records, info.total_bytes)
-
-    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
-        self.tickets.append(Ticket.from_bytes(ticket.ticket))
-        return super().do_get(context, ticket)
 
 
 @pytest.fixture
