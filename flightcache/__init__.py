@@ -2,6 +2,7 @@
 
 from .client import Client, connect
 from .errors import (
+    DataLostError,
     DatasetExistsError,
     DatasetNotFoundError,
     FlightcacheError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "DataLostError",
     "DatasetExistsError",
     "DatasetNotFoundError",
     "FlightcacheError",

@@ -172,7 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--shm-group", help="let this group read the shared-memory files too (default: only the server's user)"
     )
 
+    _cluster_flags(serve)
+
     sub.add_parser("ls", parents=[common], help="list datasets", description="List the cached datasets.")
+    sub.add_parser(
+        "nodes",
+        parents=[common],
+        help="list the nodes of the cluster",
+        description="List the live members of the cluster the server belongs to (one line for a single server).",
+    )
 
     info = sub.add_parser(
         "info",
@@ -420,6 +428,82 @@ def _security_flags(serve: argparse.ArgumentParser) -> None:
     sql.add_argument("--sql-max-queries", type=int, metavar="N", help="queries running at once; more wait (8)")
 
 
+def _cluster_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("cluster mode (several nodes, one catalog in etcd; see docs/scaling.md)")
+    group.add_argument(
+        "--cluster",
+        metavar="etcd://HOST:PORT[,HOST:PORT...]",
+        default=os.environ.get("FLIGHTCACHE_CLUSTER"),
+        help="join the cluster whose catalog is in this etcd (etcds:// for TLS); every node shares one "
+        "--storage (default: $FLIGHTCACHE_CLUSTER, else a single server)",
+    )
+    group.add_argument(
+        "--advertise",
+        metavar="grpc://HOST[:PORT]",
+        default=os.environ.get("FLIGHTCACHE_ADVERTISE"),
+        help="where the other nodes and the clients reach this node; no port: the one it listens on "
+        "(default: $FLIGHTCACHE_ADVERTISE, else --host and --port)",
+    )
+    group.add_argument("--node-id", help="this node's id in the cluster (default: a new random one each start)")
+    group.add_argument(
+        "--cluster-prefix", default="/flightcache", help="the cluster's etcd keys (default: %(default)s)"
+    )
+    group.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=10,
+        help="a node that stops renewing its etcd lease is gone this long after (default: %(default)s)",
+    )
+    group.add_argument(
+        "--node-token",
+        default=os.environ.get("FLIGHTCACHE_NODE_TOKEN"),
+        help="bearer token of the calls between nodes: a write token of the nodes' --auth-token-file "
+        "(default: $FLIGHTCACHE_NODE_TOKEN)",
+    )
+    group.add_argument(
+        "--cluster-ca", metavar="FILE", help="PEM CA of the other nodes' TLS certificates (default: --tls-cert)"
+    )
+    group.add_argument(
+        "--etcd-user", default=os.environ.get("FLIGHTCACHE_ETCD_USER"), help="etcd user ($FLIGHTCACHE_ETCD_USER)"
+    )
+    group.add_argument(
+        "--etcd-password-file", metavar="FILE", help="the etcd user's password, in a file ($FLIGHTCACHE_ETCD_PASSWORD)"
+    )
+    group.add_argument("--etcd-ca", metavar="FILE", help="PEM CA of etcd's certificate (etcds://)")
+    group.add_argument("--etcd-cert", metavar="FILE", help="PEM client certificate for etcd --client-cert-auth")
+    group.add_argument("--etcd-key", metavar="FILE", help="PEM key of --etcd-cert")
+
+
+def _cluster_settings(args: argparse.Namespace) -> Any:
+    """ClusterSettings of the cluster flags; None without --cluster."""
+    if not args.cluster:
+        return None
+    from .server.cluster import ClusterSettings
+    from .server.etcd import EtcdSettings
+
+    password = os.environ.get("FLIGHTCACHE_ETCD_PASSWORD")
+    if args.etcd_password_file:
+        with open(args.etcd_password_file) as f:
+            password = f.read().strip()
+    ca = None
+    if args.cluster_ca:
+        with open(args.cluster_ca, "rb") as f:
+            ca = f.read()
+    scheme = "grpc+tls" if args.tls_cert else "grpc"
+    advertise = args.advertise or f"{scheme}://{args.host}" + (f":{args.port}" if args.port else "")
+    if args.host in ("0.0.0.0", "::") and not args.advertise:
+        raise ValueError(f"--host {args.host} listens everywhere: give --advertise grpc://THIS_HOST for the others")
+    return ClusterSettings(
+        EtcdSettings(args.cluster, args.etcd_user, password, args.etcd_ca, args.etcd_cert, args.etcd_key),
+        advertise=advertise,
+        prefix=args.cluster_prefix,
+        node_id=args.node_id,
+        lease_seconds=args.lease_seconds,
+        token=args.node_token,
+        tls_ca=ca,
+    )
+
+
 def _server_security(args: argparse.Namespace) -> dict[str, Any]:
     """The ServerConfig fields of the security flags."""
     from .server.auth import Auth, Limits
@@ -475,6 +559,7 @@ def serve(args: argparse.Namespace) -> int:
         shm_group=args.shm_group,
         sql=_sql_limits(args),
         **_server_security(args),
+        cluster=_cluster_settings(args),
     )
     server = build_server(config)
     store, storage, scheme = server.store, server.cache.storage, config.scheme
@@ -538,9 +623,17 @@ def serve(args: argparse.Namespace) -> int:
             "auth": auth.summary() if auth else None,
             "metrics": metrics.url if metrics else None,
             "shm": str(server.cache.shm.dir) if server.cache.shm else None,
+            "node": getattr(server, "id", None),  # cluster mode: this node's id and address
+            "advertise": getattr(getattr(server, "settings", None), "advertise", None),
         },
         f"flightcache serving at {uri} (memory limit {format_bytes(store.memory_limit or 0)}, {where}, "
-        f"pid {os.getpid()}" + (f", metrics at {metrics.url})" if metrics else ")"),
+        f"pid {os.getpid()}"
+        + (f", metrics at {metrics.url}" if metrics else "")
+        + (
+            f", node {getattr(server, 'id', '')} of the cluster at {config.cluster.etcd.url})"
+            if config.cluster
+            else ")"
+        ),
     )
     sys.stdout.flush()
     while not stopping.wait(0.2):
@@ -570,6 +663,26 @@ def serve(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(status)
     return status
+
+
+def cmd_nodes(client: Client, args: argparse.Namespace) -> int:
+    nodes = client.nodes()
+    rows = [
+        [
+            n["id"] + (" *" if n.get("self") else ""),
+            n["location"] or "-",
+            format_bytes(n["memory_used"]) + " / " + (format_bytes(n["memory_limit"]) if n["memory_limit"] else "-"),
+            str(n["datasets"]),
+            f"{n['load']:.2f}",
+            str(n["in_flight"]),
+            n["state"],
+            _time(n["started"]),
+        ]
+        for n in nodes
+    ]
+    header = ["NODE", "LOCATION", "MEMORY", "PARTS", "LOAD", "CALLS", "STATE", "STARTED"]
+    _emit(args, nodes, _table(header, rows) + "\n(* the node asked)")
+    return 0
 
 
 def cmd_ls(client: Client, args: argparse.Namespace) -> int:
@@ -882,6 +995,7 @@ def cmd_sql(client: Client, args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "ls": cmd_ls,
+    "nodes": cmd_nodes,
     "info": cmd_info,
     "put": cmd_put,
     "get": cmd_get,

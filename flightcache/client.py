@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from pyarrow.flight import FlightCallOptions, FlightClient, FlightInfo  # in Client, `flight` is a property
+from pyarrow.flight import (
+    FlightCallOptions,
+    FlightClient,
+    FlightEndpoint,
+    FlightInfo,
+)  # in Client, `flight` is a property
 
 from .errors import (
     InvalidRequestError,
@@ -120,6 +126,8 @@ class Client:
         self._workers: ThreadPoolExecutor | None = None  # kept: fresh threads per get page-fault their memory in again
         self._no_shm_pid = -1  # the process in which shared memory proved unreachable
         self._no_adopt_pid = -1  # the process in which puts proved unable to write the server's shared memory
+        self._peers: dict[str, Client] = {}  # clients of the other nodes of a cluster, by location
+        self._peers_pid = -1
 
     # -- connection, pickling --------------------------------------------------------------
 
@@ -181,6 +189,32 @@ class Client:
     def _options(self) -> FlightCallOptions:
         return flight.FlightCallOptions(timeout=self.timeout)
 
+    def _redeem(self, endpoint: FlightEndpoint, call: Callable[[Client], T]) -> T:
+        """``call`` on the client of the endpoint's location (a cluster node holding its part), else this one.
+
+        A location that cannot be reached (its node just died) is read here instead: this server fetches the
+        part from storage, or says why it cannot (protocol §4.3).
+        """
+        location = _location(endpoint)
+        if location is None or location == self.uri:
+            return self._call(lambda: call(self))
+        try:
+            peer = self._peer(location)
+            return peer._call(lambda: call(peer))
+        except ServerUnavailableError:
+            return self._call(lambda: call(self))
+
+    def _peer(self, location: str) -> Client:
+        """A client like this one (same credentials, TLS, timeout) for another node of the cluster."""
+        with _PEERS_LOCK:
+            if self._peers_pid != os.getpid():
+                self._peers, self._peers_pid = {}, os.getpid()
+            peer = self._peers.get(location)
+            if peer is None:
+                state = {**self.__getstate__(), "uri": location, "shm": False}
+                peer = self._peers[location] = Client(**state)
+            return peer
+
     def close(self) -> None:
         if self._pid == os.getpid():
             if self._conn is not None:
@@ -190,6 +224,9 @@ class Client:
         self._conn = None
         self._header = None
         self._workers = None
+        for peer in self._peers.values():
+            peer.close()
+        self._peers = {}
 
     def __enter__(self) -> Client:
         return self
@@ -313,9 +350,10 @@ class Client:
             return None
         try:
             try:  # the file exists with its mode (in a directory only the server's user writes): Arrow opens it
-                with pa.OSFile(path, "w") as sink, pa.ipc.new_file(
-                    sink, table.schema, metadata={NONCE_KEY: ticket["nonce"].encode()}
-                ) as writer:
+                with (
+                    pa.OSFile(path, "w") as sink,
+                    pa.ipc.new_file(sink, table.schema, metadata={NONCE_KEY: ticket["nonce"].encode()}) as writer,
+                ):
                     for batch in table.to_batches(max_chunksize=self.batch_rows):
                         writer.write_batch(batch)
             except OSError as e:
@@ -414,7 +452,7 @@ class Client:
         info = self.flight_info(name, columns, filter, version)
 
         def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
-            table = self._call(lambda: self.flight.do_get(endpoint.ticket, self._options()).read_all())
+            table = self._redeem(endpoint, lambda c: c.flight.do_get(endpoint.ticket, c._options()).read_all())
             if progress is not None:
                 progress(table.num_rows, table.nbytes)
             return table
@@ -441,7 +479,7 @@ class Client:
             return
         info = self.flight_info(name, columns, filter, version)
         for endpoint in info.endpoints:
-            stream = self._call(functools.partial(self.flight.do_get, endpoint.ticket, self._options()))
+            stream = self._redeem(endpoint, functools.partial(_do_get, endpoint))
             while True:
                 try:
                     chunk = self._call(stream.read_chunk)
@@ -501,7 +539,7 @@ class Client:
 
     # "list" is the one action whose answer is a JSON array; a Literal overload of str "overlaps" by design.
     @overload
-    def _action(self, kind: Literal["list"]) -> builtins.list[dict[str, Any]]: ...  # type: ignore[overload-overlap]
+    def _action(self, kind: Literal["list", "nodes"]) -> builtins.list[dict[str, Any]]: ...  # type: ignore[overload-overlap]
 
     @overload
     def _action(
@@ -594,6 +632,11 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Server figures: memory used and limit, datasets, request counters."""
         return self._action("stats")
+
+    def nodes(self) -> builtins.list[dict[str, Any]]:
+        """The live members of the server's cluster (id, location, host, memory, load, state); a single
+        server answers one entry, with no location."""
+        return self._action("nodes")
 
     def healthcheck(self) -> dict[str, Any]:
         """The server's health: status (ok or draining), version, uptime, memory, datasets, pending persists."""
@@ -722,3 +765,18 @@ def _as_arrow(data: Any) -> pa.Table | pa.RecordBatchReader:
                 "RecordBatchReader, or a pandas or polars DataFrame"
             )
     return data
+
+
+_PEERS_LOCK = threading.Lock()
+
+
+def _do_get(endpoint: FlightEndpoint, client: Client) -> flight.FlightStreamReader:
+    return client.flight.do_get(endpoint.ticket, client._options())
+
+
+def _location(endpoint: FlightEndpoint) -> str | None:
+    """The first location of an endpoint, as a URI; None: redeem at the server that answered."""
+    if not endpoint.locations:
+        return None
+    uri = endpoint.locations[0].uri
+    return uri.decode() if isinstance(uri, bytes) else str(uri)

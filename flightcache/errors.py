@@ -2,6 +2,7 @@
 
     FlightcacheError
     ├── DatasetNotFoundError      no dataset (or no such version) by that name
+    ├── DataLostError             a part was held only by a node that left the cluster (rewrite it)
     ├── DatasetExistsError        put mode "create" on a name that exists
     ├── SchemaMismatchError       append with a schema unlike the current one
     ├── InvalidNameError          a dataset name outside the documented grammar
@@ -41,6 +42,12 @@ class NotInMemoryError(DatasetNotFoundError):
     """Internal: the storage tier holds the dataset but memory does not (the cache loads it)."""
 
     code = "DATASET_NOT_FOUND"
+
+
+class DataLostError(FlightcacheError):
+    """A part of the dataset was held only in the memory of a node that left the cluster: write it again."""
+
+    code = "DATA_LOST"
 
 
 class DatasetExistsError(FlightcacheError):
@@ -104,6 +111,7 @@ ERRORS_BY_CODE: dict[str, type[FlightcacheError]] = {
     for cls in (
         FlightcacheError,
         DatasetNotFoundError,
+        DataLostError,
         DatasetExistsError,
         SchemaMismatchError,
         InvalidNameError,

@@ -136,6 +136,8 @@ class Ticket(_Message):
     columns: list[str] | None = None
     filter: str | None = None
     filter_substrait: str | None = None
+    part: str | None = None  # cluster mode: the part of the version the range is in, and the node that holds it
+    node: str | None = None
 
     _types = {
         "name": (str,),
@@ -145,6 +147,8 @@ class Ticket(_Message):
         "columns": (list,),
         "filter": (str,),
         "filter_substrait": (str,),
+        "part": (str,),
+        "node": (str,),
     }
     _what = "ticket"
 
@@ -405,6 +409,9 @@ ACTIONS: dict[str, Action] = {
         Action("info", "Describe a dataset.", NameRequest, _INFO),
         Action("list", "List every dataset with its info.", None, "a list of infos"),
         Action("stats", "Server figures: memory, datasets, counters, requests.", None, "an object of figures"),
+        Action("nodes", "The members of the cluster (one, for a single server), with memory and load.", None,
+               'a list of {"id", "name", "location", "host", "memory_used", "memory_limit", "datasets", "load", '
+               '"in_flight", "state", "started", "self"}'),
         Action(
             HEALTHCHECK,
             "Health for orchestrators; answered while draining.",

@@ -70,7 +70,7 @@ class Cache:
             on_full=self.make_room,
         )
         self.default_persist = "none"
-        self.default_persist = self._persist_mode(persist)
+        self.default_persist = self.persist_mode(persist)
         self._guard = threading.Lock()
         self._name_locks: dict[str, threading.RLock] = {}
         self._loads: dict[str, Future[Version]] = {}
@@ -171,7 +171,7 @@ class Cache:
         with lock:
             yield
 
-    def _persist_mode(self, persist: str | None) -> str:
+    def persist_mode(self, persist: str | None) -> str:
         mode = persist or self.default_persist
         if mode not in PERSIST_MODES:
             raise InvalidRequestError(f"unknown persist mode {mode!r}: use one of {', '.join(PERSIST_MODES)}")
@@ -183,7 +183,7 @@ class Cache:
 
     def check_storable(self, name: str, schema: pa.Schema, persist: str | None) -> None:
         """Refuse now, before any data arrives, a put to be persisted whose schema storage cannot hold."""
-        if self._persist_mode(persist) != "none":
+        if self.persist_mode(persist) != "none":
             check_storable(name, schema)
 
     def _unspillable(self, version: Version) -> str | None:
@@ -197,7 +197,7 @@ class Cache:
 
     def publish(self, staged: StagedPut, *, persist: str | None = None, ttl: float | None = None) -> Version:
         """Publish a finished put with the given persistence (default: the server's)."""
-        mode = self._persist_mode(persist)
+        mode = self.persist_mode(persist)
         if ttl is not None and ttl <= 0:
             raise InvalidRequestError(f"ttl of dataset {staged.name!r} must be positive, got {ttl}")
         self.check_storable(staged.name, staged.schema, mode)
@@ -241,7 +241,7 @@ class Cache:
         ttl: float | None = None,
     ) -> Version:
         """Publish a transaction's staged parts as one version, with the given persistence."""
-        self._persist_mode(persist)
+        self.persist_mode(persist)
         staged = self.store.take_parts(txn, name, mode, parts=parts, schema=schema)
         try:
             return self.publish(staged, persist=persist, ttl=ttl)
@@ -436,7 +436,7 @@ class Cache:
 
         With ``wait``, a write-back that fails raises its error (the state is then persist-failed).
         """
-        self._persist_mode("sync")  # needs storage
+        self.persist_mode("sync")  # needs storage
         with self._guard:
             pending = self._pending.get(name)
         if pending is not None:

@@ -18,6 +18,7 @@ from ..sql.engine import SqlLimits
 from ..units import DEFAULT_BATCH_ROWS
 from .auth import Auth, Limits
 from .cache import Cache
+from .cluster import ClusterSettings
 from .flight import DEFAULT_ENDPOINT_BYTES, DEFAULT_MAX_ENDPOINTS, FlightcacheServer
 from .shm import resolve as resolve_shm
 from .storage import DEFAULT_PART_BYTES, DEFAULT_STORAGE_GRACE_SECONDS, Storage
@@ -53,6 +54,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     sql: SqlLimits = field(default_factory=SqlLimits)
     middleware: Mapping[str, flight.ServerMiddlewareFactory] = field(default_factory=dict)  # more of your own
+    # cluster mode: join the cluster whose catalog is in etcd (None: a single server, no etcd)
+    cluster: ClusterSettings | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -91,10 +94,23 @@ def build_server(config: ServerConfig, server_class: type[FlightcacheServer] = F
         shm=resolve_shm(config.shm, config.memory_limit, group=config.shm_group),
     )
     try:
-        cache.recover()
         options: dict[str, Any] = {}
         if config.tls_cert is not None and config.tls_key is not None:
             options["tls_certificates"] = [flight.CertKeyPair(config.tls_cert, config.tls_key)]
+        if config.cluster is not None:
+            # The catalog is etcd's: storage holds parts named there, so there is nothing to recover from it.
+            if config.cluster.token is None and config.credentials is not None:
+                raise ValueError("a cluster node with --auth-token-file needs --node-token for its calls to the others")
+            from .cluster import ClusterCatalog
+            from .etcd import Etcd
+            from .node import ClusterServer
+
+            options["cluster"] = config.cluster
+            options["catalog"] = ClusterCatalog(Etcd(config.cluster.etcd), config.cluster.prefix)
+            if server_class is FlightcacheServer:
+                server_class = ClusterServer
+        else:
+            cache.recover()
         return server_class(
             config.location,
             cache=cache,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,7 +50,7 @@ from .cache import Cache
 from .catalog import PERSIST_FAILED
 from .operations import MIDDLEWARE_KEY, Operations, draining_error, note
 from .storage import redacted
-from .store import Version
+from .store import StagedPut, Version
 from .translate import flight_error, translated_stream
 
 if TYPE_CHECKING:
@@ -234,7 +235,10 @@ class FlightcacheServer(flight.FlightServerBase):
             return self.sql.do_get(context, ticket)
         t = Ticket.from_bytes(ticket.ticket)
         note(context, dataset=t.name, version=t.version)
-        version = self.cache.get(t.name, t.version)
+        return self._serve(context, t, self.cache.get(t.name, t.version))
+
+    def _serve(self, context: flight.ServerCallContext, t: Ticket, version: Version) -> flight.FlightDataStream:
+        """Stream the batches of ``version`` that ticket ``t`` selects."""
         request = t.read_request()
         expression = _filter(request)
         if expression is not None:  # a ticket is client bytes: fail here, not mid-stream, if the filter is wrong
@@ -246,13 +250,13 @@ class FlightcacheServer(flight.FlightServerBase):
             if t.columns is not None:
                 batches = tuple(b.select(t.columns) for b in batches)
             served = sum(batch_nbytes(b) for b in batches)
-            self._served(t.name, served)
+            self._served(version.name, served)
             note(context, rows=sum(b.num_rows for b in batches), bytes=served)
             return flight.RecordBatchStream(reader)
         # A GeneratorStream, so that an error while filtering reaches the client with its code (translate.py).
-        return flight.GeneratorStream(reader.schema, translated_stream("do_get", self._counting(reader, t)))
+        return flight.GeneratorStream(reader.schema, translated_stream("do_get", self._counting(reader, version.name)))
 
-    def _counting(self, reader: pa.RecordBatchReader, t: Ticket) -> Iterator[pa.Table]:
+    def _counting(self, reader: pa.RecordBatchReader, name: str) -> Iterator[pa.Table]:
         """A filtered read's batches, their bytes counted as served when the stream ends or is cut (not in
         the request log: the call may be over by then). Each is yielded as a one-batch table: a GeneratorStream
         sends a table's dictionaries, a bare batch's not (measured with pyarrow 26: the client then fails)."""
@@ -265,9 +269,9 @@ class FlightcacheServer(flight.FlightServerBase):
                 yield pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             # The filter bound to the schema but fails on a value (divide_checked by a zero, say).
-            raise InvalidRequestError(f"cannot apply the filter to dataset {t.name!r}: {e}") from e
+            raise InvalidRequestError(f"cannot apply the filter to dataset {name!r}: {e}") from e
         finally:
-            self._served(t.name, nbytes)
+            self._served(name, nbytes)
 
     def _served(self, name: str, nbytes: int) -> None:
         self._count(bytes_served=nbytes)
@@ -299,7 +303,7 @@ class FlightcacheServer(flight.FlightServerBase):
         note(context, dataset=name, mode=options.mode, txn=options.txn)
         if options.txn is None or options.persist is not None:  # a part's persistence is its commit's
             self.cache.check_storable(name, reader.schema, options.persist)  # at the first message, not after the data
-        staged = self.store.begin_put(name, reader.schema, options.mode)
+        staged = self._begin_put(name, reader.schema, options)
         rows = received = 0
         ended: EndOfStream | None = None
         try:
@@ -329,23 +333,24 @@ class FlightcacheServer(flight.FlightServerBase):
                     f"put of dataset {name!r} ended after {rows} of the {options.expect_rows} rows "
                     "the client announced; nothing was published, send it again"
                 )
-            if options.txn is not None:
-                part = staged.stage(options.txn)
-            else:
-                version = self.cache.publish(staged, persist=options.persist, ttl=options.ttl)
+            result = self._finish_put(name, options, staged, rows)
         except BaseException:
             staged.abort()
             self._count(puts_aborted=1)
             raise
         self._count(puts=1, bytes_received=staged.nbytes)
-        note(context, rows=rows, bytes=staged.nbytes)
-        if options.txn is not None:
-            staged_part = {"txn": options.txn, "part": part, "rows": rows, "bytes": staged.nbytes}
-            writer.write(pa.py_buffer(json.dumps(staged_part).encode()))
-            return
-        note(context, version=version.number)
-        result = version.summary()
+        note(context, rows=rows, bytes=staged.nbytes, version=result.get("version"))
         writer.write(pa.py_buffer(json.dumps(result).encode()))
+
+    def _begin_put(self, name: str, schema: pa.Schema, options: PutOptions) -> StagedPut:
+        """Where a put's batches go while they arrive (checks the mode against the dataset first)."""
+        return self.store.begin_put(name, schema, options.mode)
+
+    def _finish_put(self, name: str, options: PutOptions, staged: StagedPut, rows: int) -> dict[str, Any]:
+        """Publish a put that arrived whole (or stage it as a transaction's part); the put's answer."""
+        if options.txn is not None:
+            return {"txn": options.txn, "part": staged.stage(options.txn), "rows": rows, "bytes": staged.nbytes}
+        return self.cache.publish(staged, persist=options.persist, ttl=options.ttl).summary()
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -393,6 +398,24 @@ class FlightcacheServer(flight.FlightServerBase):
         result = self.stats()
         result["in_flight"] -= 1
         return result
+
+    def _do_nodes(self, context: flight.ServerCallContext, _: None) -> list[dict[str, Any]]:
+        """A single server is a cluster of one: no location (read it where you asked), no host."""
+        alone = {"id": "standalone", "name": "standalone", "location": None, "host": None}
+        return [{**alone, **self.figures(), "self": True}]
+
+    def figures(self) -> dict[str, Any]:
+        """This server's memory, load and state, as ``nodes`` reports each member."""
+        s = self.store.stats()
+        return {
+            "memory_used": s["memory_used"],
+            "memory_limit": s["memory_limit"],
+            "datasets": s["datasets"],
+            "load": round(os.getloadavg()[0], 2),
+            "in_flight": max(0, self.ops.in_flight - 1),  # not the call asking
+            "state": "draining" if self.ops.draining else "up",
+            "started": self.started,
+        }
 
     def _do_drop(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
         result = self.cache.drop(request.name)
