@@ -4,18 +4,13 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import com.fasterxml.jackson.databind.ObjectMapper;
 import io.flightcache.spark.Options;
+import io.flightcache.spark.TestServer;
 import io.flightcache.spark.protocol.Connection;
 import io.flightcache.spark.protocol.FlightcacheException;
 import io.flightcache.spark.protocol.Wire;
 import io.flightcache.spark.read.Allocators;
 import io.flightcache.spark.read.FlightcacheScanBuilder;
-import java.io.BufferedReader;
-import java.io.InputStreamReader;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
-import java.nio.file.Path;
 import java.util.Map;
 import org.apache.arrow.memory.BufferAllocator;
 import org.apache.spark.sql.catalyst.expressions.GenericInternalRow;
@@ -28,41 +23,16 @@ import org.apache.spark.sql.types.DataTypes;
 import org.apache.spark.sql.types.StructType;
 import org.apache.spark.sql.vectorized.ColumnarBatch;
 import org.apache.spark.unsafe.types.UTF8String;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.Assumptions;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 
 /** The write and read paths against a real `flightcache serve` from the project's venv (no Spark session). */
 class ServerRoundTripTest {
-  private static Process server;
   private static String uri;
 
   @BeforeAll
-  static void start() throws Exception {
-    String python = System.getenv("FLIGHTCACHE_PYTHON");
-    Assumptions.assumeTrue(python != null && Files.isExecutable(Path.of(python)), "no FLIGHTCACHE_PYTHON: skipped");
-    server =
-        new ProcessBuilder(python, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", "--storage", "none")
-            .redirectError(ProcessBuilder.Redirect.INHERIT)
-            .start();
-    BufferedReader out = new BufferedReader(new InputStreamReader(server.getInputStream(), StandardCharsets.UTF_8));
-    StringBuilder json = new StringBuilder();
-    for (String line = out.readLine(); line != null; line = out.readLine()) {
-      json.append(line).append('\n');
-      if (line.startsWith("}")) {
-        break;
-      }
-    }
-    uri = (String) new ObjectMapper().readValue(json.toString(), Map.class).get("uri");
-  }
-
-  @AfterAll
-  static void stop() throws Exception {
-    if (server != null) {
-      server.destroy();
-      server.waitFor();
-    }
+  static void start() {
+    uri = TestServer.uri();
   }
 
   private static Options options(String name, Map<String, String> extra) {
