@@ -77,15 +77,24 @@ public final class Connection implements AutoCloseable {
     return call(doing, () -> client.getInfo(FlightDescriptor.command(command)));
   }
 
-  /** Run a flightcache action; its JSON results. */
+  /** Run a flightcache action; its JSON object results. */
   public List<Map<String, Object>> action(String type, byte[] body, String doing) {
+    List<Map<String, Object>> results = new ArrayList<>();
+    for (byte[] result : actionBodies(type, body, doing)) {
+      results.add(Wire.decode(result));
+    }
+    return results;
+  }
+
+  /** Run a flightcache action; the bodies of its results as they came (for results that are not JSON objects). */
+  public List<byte[]> actionBodies(String type, byte[] body, String doing) {
     return call(
         doing,
         () -> {
-          List<Map<String, Object>> results = new ArrayList<>();
+          List<byte[]> results = new ArrayList<>();
           Iterator<Result> it = client.doAction(new Action(type, body));
           while (it.hasNext()) {
-            results.add(Wire.decode(it.next().getBody()));
+            results.add(it.next().getBody());
           }
           return results;
         });
