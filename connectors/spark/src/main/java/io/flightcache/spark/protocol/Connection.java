@@ -34,21 +34,23 @@ public final class Connection implements AutoCloseable {
   private static final String[] TRANSPORT_SUFFIXES = {". Detail: ", ". gRPC client debug context: ", ". Client context: "};
 
   private final Options options;
+  private final String uri; // the server this client talks to: options.uri, or an endpoint's or a node's location
   private final FlightClient client;
 
   public Connection(Options options, BufferAllocator allocator) {
     this(options, options.uri, allocator);
   }
 
-  /** A client of the server at {@code uri} (an endpoint's location), with the options' credentials. */
+  /** A client of the server at {@code uri} (an endpoint's or a node's location), with the options' credentials and TLS CA. */
   public Connection(Options options, String uri, BufferAllocator allocator) {
     this.options = options;
+    this.uri = uri;
     Location location;
     try {
       location = new Location(new URI(uri.replaceFirst("^grpc://", "grpc+tcp://")));
     } catch (URISyntaxException | IllegalArgumentException e) {
-      throw new FlightcacheException(
-          "INVALID_REQUEST", "option uri='" + uri + "' is not a server address like grpc://host:8815", e);
+      String what = uri.equals(options.uri) ? "option uri='" + uri + "'" : "the location '" + uri + "' the server gave";
+      throw new FlightcacheException("INVALID_REQUEST", what + " is not a server address like grpc://host:8815", e);
     }
     FlightClient.Builder builder = FlightClient.builder(allocator, location);
     if (options.tlsCa != null) {
@@ -75,15 +77,24 @@ public final class Connection implements AutoCloseable {
     return call(doing, () -> client.getInfo(FlightDescriptor.command(command)));
   }
 
-  /** Run a flightcache action; its JSON results. */
+  /** Run a flightcache action; its JSON object results. */
   public List<Map<String, Object>> action(String type, byte[] body, String doing) {
+    List<Map<String, Object>> results = new ArrayList<>();
+    for (byte[] result : actionBodies(type, body, doing)) {
+      results.add(Wire.decode(result));
+    }
+    return results;
+  }
+
+  /** Run a flightcache action; the bodies of its results as they came (for results that are not JSON objects). */
+  public List<byte[]> actionBodies(String type, byte[] body, String doing) {
     return call(
         doing,
         () -> {
-          List<Map<String, Object>> results = new ArrayList<>();
+          List<byte[]> results = new ArrayList<>();
           Iterator<Result> it = client.doAction(new Action(type, body));
           while (it.hasNext()) {
-            results.add(Wire.decode(it.next().getBody()));
+            results.add(it.next().getBody());
           }
           return results;
         });
@@ -98,39 +109,52 @@ public final class Connection implements AutoCloseable {
     }
   }
 
-  /** The error a user should see for {@code e} while doing {@code doing} ("read", "write", ...). */
+  /** The error a user should see for {@code e} while doing {@code doing} ("read", "write", ...) on this server. */
   public FlightcacheException explain(Throwable e, String doing) {
-    return explain(e, options, doing);
+    return explain(e, options, uri, doing);
   }
 
+  /** The error a user should see for {@code e} while doing {@code doing} on the configured server. */
   public static FlightcacheException explain(Throwable e, Options options, String doing) {
+    return explain(e, options, options.uri, doing);
+  }
+
+  /** The error a user should see for {@code e} while doing {@code doing} on the server at {@code uri}. */
+  public static FlightcacheException explain(Throwable e, Options options, String uri, String doing) {
     if (e instanceof FlightcacheException f) {
       return f;
     }
     String what = "cannot " + doing + " dataset '" + options.name + "'";
     if (!(e instanceof FlightRuntimeException f)) {
       return new FlightcacheException(
-          "INTERNAL", what + " on the flightcache server at " + options.uri + ": " + e, e);
+          "INTERNAL", what + " on the flightcache server at " + uri + ": " + e, e);
     }
     String message = clean(f.status().description() == null ? "" : f.status().description());
     Matcher m = CODE.matcher(message);
     if (m.find()) {
       String code = m.group(1);
       String text = message.substring(m.end());
-      return new FlightcacheException(code, what + " on the flightcache server at " + options.uri + ": " + text, e);
+      return new FlightcacheException(code, what + " on the flightcache server at " + uri + ": " + text, e);
     }
     FlightStatusCode status = f.status().code();
     if (status == FlightStatusCode.UNAVAILABLE && hasCause(e, SSLException.class)) {
       return new FlightcacheException(
           "UNAVAILABLE",
-          what + ": TLS: the certificate of the flightcache server at " + options.uri + " is not trusted ("
+          what + ": TLS: the certificate of the flightcache server at " + uri + " is not trusted ("
               + message + "); give the CA that signed it (option tls_ca or $FLIGHTCACHE_TLS_CA)",
+          e);
+    }
+    if (status == FlightStatusCode.UNAVAILABLE && !uri.equals(options.uri)) {
+      return new FlightcacheException(
+          "UNAVAILABLE",
+          what + ": cannot reach the flightcache node at " + uri + " (" + message + "), an address the server at "
+              + options.uri + " gave; is that node running, and reachable from this host?",
           e);
     }
     if (status == FlightStatusCode.UNAVAILABLE) {
       return new FlightcacheException(
           "UNAVAILABLE",
-          what + ": cannot reach the flightcache server at " + options.uri + " (" + message
+          what + ": cannot reach the flightcache server at " + uri + " (" + message
               + "); is it running? start one with 'flightcache serve'; or set the option 'uri' "
               + "(default: $FLIGHTCACHE_URI) to the address of a running server",
           e);
@@ -138,12 +162,12 @@ public final class Connection implements AutoCloseable {
     if (status == FlightStatusCode.UNAUTHENTICATED) {
       return new FlightcacheException(
           "UNAUTHENTICATED",
-          what + " on the flightcache server at " + options.uri + ": " + message
+          what + " on the flightcache server at " + uri + ": " + message
               + "; give a token (option token or $FLIGHTCACHE_TOKEN)",
           e);
     }
     return new FlightcacheException(
-        status.name(), what + " on the flightcache server at " + options.uri + ": " + message, e);
+        status.name(), what + " on the flightcache server at " + uri + ": " + message, e);
   }
 
   static String clean(String message) {

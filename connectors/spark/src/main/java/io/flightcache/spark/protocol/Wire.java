@@ -1,6 +1,7 @@
 package io.flightcache.spark.protocol;
 
 import com.fasterxml.jackson.core.JsonProcessingException;
+import com.fasterxml.jackson.core.type.TypeReference;
 import com.fasterxml.jackson.databind.ObjectMapper;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
@@ -22,6 +23,7 @@ import org.apache.arrow.vector.types.pojo.Schema;
 public final class Wire {
   public static final int VERSION = 1;
   private static final ObjectMapper JSON = new ObjectMapper();
+  private static final TypeReference<List<Map<String, Object>>> OBJECTS = new TypeReference<>() {};
 
   private Wire() {}
 
@@ -96,6 +98,18 @@ public final class Wire {
     } catch (IOException e) {
       throw new FlightcacheException(
           "INVALID_REQUEST", "the server answered with something that is not JSON: " + new String(raw, StandardCharsets.UTF_8), e);
+    }
+  }
+
+  /** A JSON array of objects, such as the answer of the nodes action. */
+  public static List<Map<String, Object>> decodeObjects(byte[] raw) {
+    try {
+      return JSON.readValue(raw, OBJECTS);
+    } catch (IOException e) {
+      throw new FlightcacheException(
+          "INVALID_REQUEST",
+          "the server answered with something that is not a JSON array of objects: " + new String(raw, StandardCharsets.UTF_8),
+          e);
     }
   }
 

@@ -5,6 +5,7 @@ import io.flightcache.spark.protocol.FlightcacheException;
 import java.util.ArrayList;
 import java.util.List;
 import org.apache.arrow.flight.FlightRuntimeException;
+import org.apache.arrow.flight.FlightStatusCode;
 import org.apache.arrow.flight.FlightStream;
 import org.apache.arrow.flight.Ticket;
 import org.apache.arrow.memory.BufferAllocator;
@@ -26,6 +27,7 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
   private final StructType schema;
   private BufferAllocator allocator;
   private Connection connection;
+  private String at; // the server being read from: one of the partition's
   private FlightStream stream;
   private Conversion[] conversions; // per column, null where Spark reads the vector as it is
   private final List<FieldVector> converted = new ArrayList<>(); // this batch's converted vectors
@@ -60,7 +62,7 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
       finish();
       return false;
     } catch (FlightRuntimeException e) {
-      FlightcacheException explained = partition.connectionExplain(e);
+      FlightcacheException explained = Connection.explain(e, partition.options, at, "read");
       if ("DATASET_NOT_FOUND".equals(explained.code())) {
         throw new FlightcacheException(
             explained.code(),
@@ -72,10 +74,33 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
     }
   }
 
+  /**
+   * Redeems the ticket at the first of the partition's servers that answers. The next replica is tried
+   * only when connecting to one fails (UNAVAILABLE before its first answer), never once data came.
+   */
   private void open() {
     allocator = Allocators.child("read " + partition.options.name);
-    connection = new Connection(partition.options, partition.uri, allocator);
-    stream = connection.client().getStream(new Ticket(partition.ticket));
+    FlightRuntimeException unreachable = null;
+    for (int i = 0; i < partition.uris.size(); i++) {
+      at = partition.uris.get(i);
+      connection = new Connection(partition.options, at, allocator);
+      stream = connection.client().getStream(new Ticket(partition.ticket));
+      try {
+        stream.getSchema(); // blocks until the server's first answer: the schema, or the call's error
+        break;
+      } catch (FlightRuntimeException e) {
+        if (unreachable != null) {
+          e.addSuppressed(unreachable);
+        }
+        if (e.status().code() != FlightStatusCode.UNAVAILABLE || i == partition.uris.size() - 1) {
+          throw e;
+        }
+        unreachable = e;
+        closeStream();
+        connection.close();
+        connection = null;
+      }
+    }
     List<org.apache.arrow.vector.types.pojo.Field> fields = stream.getSchema().getFields();
     conversions = new Conversion[fields.size()];
     for (int i = 0; i < fields.size(); i++) {
@@ -133,19 +158,26 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
     closed = true;
     releaseConverted();
     try {
-      if (stream != null) {
-        stream.close();
-      }
-    } catch (Exception e) {
-      // a stream cut short (a LIMIT, a cancelled task) is drained or cancelled by close(); nothing to keep
+      closeStream();
     } finally {
-      stream = null;
       if (connection != null) {
         connection.close();
       }
       if (allocator != null) {
         allocator.close();
       }
+    }
+  }
+
+  private void closeStream() {
+    try {
+      if (stream != null) {
+        stream.close();
+      }
+    } catch (Exception e) {
+      // a stream cut short (a LIMIT, a cancelled task, a failed call) is drained or cancelled by close(); nothing to keep
+    } finally {
+      stream = null;
     }
   }
 }

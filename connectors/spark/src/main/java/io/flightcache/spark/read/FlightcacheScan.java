@@ -4,12 +4,10 @@ import io.flightcache.spark.Options;
 import io.flightcache.spark.protocol.Connection;
 import io.flightcache.spark.protocol.FlightcacheException;
 import io.flightcache.spark.types.TypeMapping;
-import java.net.URI;
 import java.util.ArrayList;
 import java.util.List;
 import org.apache.arrow.flight.FlightEndpoint;
 import org.apache.arrow.flight.FlightInfo;
-import org.apache.arrow.flight.Location;
 import org.apache.arrow.memory.BufferAllocator;
 import org.apache.spark.sql.SparkSession;
 import org.apache.spark.sql.connector.read.Batch;
@@ -83,20 +81,9 @@ public final class FlightcacheScan implements Scan, Batch {
               + ": its schema changed since the DataFrame was loaded (now " + served.simpleString() + ", expected "
               + readSchema.simpleString() + "); load() it again");
     }
-    String defaultHost = URI.create(options.uri).getHost();
     List<InputPartition> out = new ArrayList<>();
     for (FlightEndpoint e : info.getEndpoints()) {
-      String uri = options.uri;
-      String host = defaultHost;
-      for (Location l : e.getLocations()) {
-        URI u = l.getUri();
-        if (u.getHost() != null && !u.getScheme().startsWith("arrow-flight-reuse-connection")) {
-          uri = u.toString();
-          host = u.getHost();
-          break;
-        }
-      }
-      out.add(new EndpointPartition(options, uri, e.getTicket().getBytes(), host == null ? "localhost" : host));
+      out.add(EndpointPartition.of(options, e));
     }
     return out.toArray(new InputPartition[0]);
   }

@@ -21,6 +21,8 @@ import org.apache.spark.sql.types.StructType;
  * A write job as one server transaction: each task stages its rows as one part (do_put with
  * {"txn": ...}); {@link #commit} publishes exactly the parts of the attempts Spark committed as one new
  * version, the single point where data becomes visible; {@link #abort} discards every staged part.
+ * When the server is a node of a cluster, tasks put their parts on the nodes ({@link Placement}), and the
+ * commit and abort still go to the configured server, which publishes the parts of every node.
  */
 final class FlightcacheBatchWrite implements BatchWrite {
   private final Options options;
@@ -28,6 +30,7 @@ final class FlightcacheBatchWrite implements BatchWrite {
   private final String txn = "spark-" + UUID.randomUUID().toString().replace("-", "");
   private final String mode;
   private final boolean skip; // if_exists=ignore and the dataset exists: write nothing
+  private final List<Placement.Node> nodes; // the cluster's nodes; null: every part goes to the configured server
 
   FlightcacheBatchWrite(Options options, StructType schema, boolean overwrite) {
     this.options = options;
@@ -36,6 +39,7 @@ final class FlightcacheBatchWrite implements BatchWrite {
     if (options.ifExists == null) {
       mode = overwrite ? "overwrite" : "append";
       skip = false;
+      nodes = nodes();
       return;
     }
     // The server's create mode makes this race-safe (it checks again at each part and at the commit);
@@ -49,6 +53,28 @@ final class FlightcacheBatchWrite implements BatchWrite {
               + " (option if_exists='error'); drop it, or write with mode append or overwrite");
     }
     skip = exists;
+    nodes = skip ? null : nodes();
+  }
+
+  /**
+   * The live nodes of the server's cluster, asked once per job; null for a standalone server (no node has
+   * a location) and for a server older than cluster mode, which does not know the action.
+   */
+  private List<Placement.Node> nodes() {
+    List<byte[]> answer;
+    try {
+      answer = run(c -> c.actionBodies("nodes", new byte[0], "write"));
+    } catch (FlightcacheException e) {
+      if ("INVALID_REQUEST".equals(e.code()) || "UNIMPLEMENTED".equals(e.code())) {
+        return null; // "unknown action": a server without cluster mode
+      }
+      throw e;
+    }
+    if (answer.isEmpty()) {
+      return null;
+    }
+    List<Placement.Node> live = Placement.parse(answer.get(0));
+    return Placement.clustered(live) ? live : null;
   }
 
   private boolean exists() {
@@ -65,7 +91,7 @@ final class FlightcacheBatchWrite implements BatchWrite {
 
   @Override
   public DataWriterFactory createBatchWriterFactory(PhysicalWriteInfo info) {
-    return new PartWriterFactory(options, schema, txn, mode, skip);
+    return new PartWriterFactory(options, schema, txn, mode, skip, nodes);
   }
 
   @Override

@@ -33,6 +33,7 @@ final class PartWriter implements DataWriter<InternalRow> {
   static final long MAX_BATCH_BYTES = 32L << 20; // large batches: Flight's per-message cost is per batch
 
   private final Options options;
+  private final String uri; // the server the part goes to: the configured one, or a cluster node
   private final StructType schema;
   private final String txn;
   private final String mode;
@@ -47,8 +48,9 @@ final class PartWriter implements DataWriter<InternalRow> {
   private long rows;
   private boolean closed;
 
-  PartWriter(Options options, StructType schema, String txn, String mode, boolean skip) {
+  PartWriter(Options options, String uri, StructType schema, String txn, String mode, boolean skip) {
     this.options = options;
+    this.uri = uri;
     this.schema = schema;
     this.txn = txn;
     this.mode = mode;
@@ -72,7 +74,7 @@ final class PartWriter implements DataWriter<InternalRow> {
 
   private void start() {
     allocator = Allocators.child("write " + options.name);
-    connection = new Connection(options, allocator);
+    connection = new Connection(options, uri, allocator);
     root = VectorSchemaRoot.create(TypeMapping.arrowSchema(schema), allocator);
     writer = ArrowWriter.create(root);
     results = new SyncPutListener();
@@ -115,7 +117,7 @@ final class PartWriter implements DataWriter<InternalRow> {
       PutResult result = results.poll(60, TimeUnit.SECONDS);
       if (result == null) {
         throw new FlightcacheException(
-            "INTERNAL", "cannot write dataset '" + options.name + "' on the flightcache server at " + options.uri
+            "INTERNAL", "cannot write dataset '" + options.name + "' on the flightcache server at " + uri
                 + ": the server sent no result for the staged part");
       }
       try (result) {

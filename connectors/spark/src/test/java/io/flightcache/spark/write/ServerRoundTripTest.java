@@ -4,20 +4,18 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import com.fasterxml.jackson.databind.ObjectMapper;
 import io.flightcache.spark.Options;
+import io.flightcache.spark.TestServer;
 import io.flightcache.spark.protocol.Connection;
 import io.flightcache.spark.protocol.FlightcacheException;
 import io.flightcache.spark.protocol.Wire;
 import io.flightcache.spark.read.Allocators;
 import io.flightcache.spark.read.FlightcacheScanBuilder;
-import java.io.BufferedReader;
-import java.io.InputStreamReader;
-import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
-import java.nio.file.Path;
+import io.flightcache.spark.types.TypeMapping;
+import java.util.List;
 import java.util.Map;
 import org.apache.arrow.memory.BufferAllocator;
+import org.apache.arrow.vector.types.pojo.Schema;
 import org.apache.spark.sql.catalyst.expressions.GenericInternalRow;
 import org.apache.spark.sql.connector.read.InputPartition;
 import org.apache.spark.sql.connector.read.PartitionReader;
@@ -28,41 +26,16 @@ import org.apache.spark.sql.types.DataTypes;
 import org.apache.spark.sql.types.StructType;
 import org.apache.spark.sql.vectorized.ColumnarBatch;
 import org.apache.spark.unsafe.types.UTF8String;
-import org.junit.jupiter.api.AfterAll;
-import org.junit.jupiter.api.Assumptions;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
 
 /** The write and read paths against a real `flightcache serve` from the project's venv (no Spark session). */
 class ServerRoundTripTest {
-  private static Process server;
   private static String uri;
 
   @BeforeAll
-  static void start() throws Exception {
-    String python = System.getenv("FLIGHTCACHE_PYTHON");
-    Assumptions.assumeTrue(python != null && Files.isExecutable(Path.of(python)), "no FLIGHTCACHE_PYTHON: skipped");
-    server =
-        new ProcessBuilder(python, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", "--storage", "none")
-            .redirectError(ProcessBuilder.Redirect.INHERIT)
-            .start();
-    BufferedReader out = new BufferedReader(new InputStreamReader(server.getInputStream(), StandardCharsets.UTF_8));
-    StringBuilder json = new StringBuilder();
-    for (String line = out.readLine(); line != null; line = out.readLine()) {
-      json.append(line).append('\n');
-      if (line.startsWith("}")) {
-        break;
-      }
-    }
-    uri = (String) new ObjectMapper().readValue(json.toString(), Map.class).get("uri");
-  }
-
-  @AfterAll
-  static void stop() throws Exception {
-    if (server != null) {
-      server.destroy();
-      server.waitFor();
-    }
+  static void start() {
+    uri = TestServer.uri();
   }
 
   private static Options options(String name, Map<String, String> extra) {
@@ -74,9 +47,14 @@ class ServerRoundTripTest {
 
   private static final StructType SCHEMA =
       new StructType().add("id", DataTypes.LongType).add("name", DataTypes.StringType);
+  private static final Schema ARROW = TypeMapping.arrowSchema(SCHEMA);
 
   private static StagedPart stage(FlightcacheBatchWrite job, int partition, long from, long to) throws Exception {
-    PartWriter writer = (PartWriter) job.createBatchWriterFactory(null).createWriter(partition, partition);
+    return stage((PartWriterFactory) job.createBatchWriterFactory(null), partition, from, to);
+  }
+
+  private static StagedPart stage(PartWriterFactory factory, int partition, long from, long to) throws Exception {
+    PartWriter writer = (PartWriter) factory.createWriter(partition, partition);
     try {
       for (long i = from; i < to; i++) {
         writer.write(new GenericInternalRow(new Object[] {i, i % 3 == 0 ? null : UTF8String.fromString("n" + i)}));
@@ -115,8 +93,12 @@ class ServerRoundTripTest {
   }
 
   private static Map<String, Object> info(Options options) {
+    return action(options, "info", Wire.named(options.name));
+  }
+
+  private static Map<String, Object> action(Options options, String type, byte[] body) {
     try (BufferAllocator a = Allocators.child("test"); Connection c = new Connection(options, a)) {
-      return c.action("info", Wire.named(options.name), "read").get(0);
+      return c.action(type, body, "read").get(0);
     }
   }
 
@@ -151,6 +133,36 @@ class ServerRoundTripTest {
     Map<String, Object> after = info(o);
     assertEquals(20, ((Number) after.get("rows")).intValue());
     assertEquals(2, ((Number) after.get("version")).intValue());
+    assertEquals(0, Allocators.allocatedMemory());
+  }
+
+  /** A server without cluster mode (no nodes action, or the standalone answer): every part goes to the configured server. */
+  @Test
+  void standaloneWritesToTheConfiguredServer() {
+    PartWriterFactory factory =
+        (PartWriterFactory) new FlightcacheBatchWrite(options("java/placed", Map.of()), SCHEMA, true).createBatchWriterFactory(null);
+    for (int p = 0; p < 4; p++) {
+      assertEquals(uri, factory.target(p));
+    }
+  }
+
+  /**
+   * A part goes to the node placement chose, not to the configured server (unreachable here), and the
+   * commit, sent to the configured server, publishes it by the part id the node answered, as it came.
+   */
+  @Test
+  void partGoesToTheChosenNode() throws Exception {
+    Options nowhere = Options.parse(Map.of("path", "java/placed", "uri", "grpc://127.0.0.1:1"), Map.of());
+    List<Placement.Node> nodes = List.of(new Placement.Node("n1", uri, "node.invalid", 0, null, 0));
+    PartWriterFactory factory = new PartWriterFactory(nowhere, SCHEMA, "java-placed-1", "overwrite", false, nodes);
+    StagedPart a = stage(factory, 0, 0, 100);
+    StagedPart b = stage(factory, 1, 100, 300);
+    assertTrue(a.part() != null && b.part() != null && !a.part().equals(b.part()));
+    Options o = options("java/placed", Map.of());
+    Map<String, Object> published =
+        action(o, "commit", Wire.commit("java-placed-1", o.name, "overwrite", List.of(a.part(), b.part()), ARROW, null, null));
+    assertEquals(300, ((Number) published.get("rows")).intValue());
+    assertEquals(300, ((Number) info(o).get("rows")).intValue());
     assertEquals(0, Allocators.allocatedMemory());
   }
 
