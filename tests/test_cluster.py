@@ -351,3 +351,49 @@ def test_replaced_and_dropped_parts_are_freed(cluster: Cluster) -> None:
     assert old not in parts_on_node()
     c.drop("x")
     wait_until(lambda: held() == 0, "the dropped dataset's part to be freed", timeout=90)
+
+
+def test_sql_on_a_node_reads_parts_of_every_node(cluster: Cluster) -> None:
+    """SQL through node 3 reads the parts on nodes 1 and 2 (over Flight); `sql ... into` publishes a cluster
+    dataset that another node reads."""
+    cluster.client(0).put("s", table(1000))
+    cluster.client(1).put("s", table(500, start=1000), mode="append")
+    result = cluster.client(2).sql("SELECT count(*) AS n, sum(id) AS total FROM s")
+    assert result.to_pylist() == [{"n": 1500, "total": sum(range(1500))}]
+    summary = cluster.client(2).sql("SELECT tag, count(*) AS n FROM s GROUP BY tag", into="s_by_tag")
+    assert summary["version"] == 1 and summary["rows"] == 7
+    assert sorted(cluster.client(0).get("s_by_tag")["n"].to_pylist()) == sorted(
+        [sum(1 for i in range(1000) if i % 7 == k) + sum(1 for i in range(500) if i % 7 == k) for k in range(7)]
+    )
+    assert cluster.client(0).info("s_by_tag")["nodes"] == [cluster.node(2)]
+
+
+def test_secured_cluster_calls_between_nodes_carry_the_node_token_over_tls(etcd: LocalEtcd, tmp_path: Path) -> None:
+    """With --auth-token-file and TLS, a node fetches another's part with --node-token over TLS; a node with
+    credentials but no node token refuses to start."""
+    from test_security import self_signed
+
+    cert, key = self_signed(tmp_path, ips=("127.0.0.1", "127.0.0.2"))
+    tokens = tmp_path / "tokens"
+    tokens.write_text("writer-token-0123456789 write\nreader-token-0123456789 read\nnode-token-0123456789 write\n")
+    tokens.chmod(0o600)
+    c = Cluster(etcd, tmp_path / "storage")
+    secure = ("--auth-token-file", str(tokens), "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        for host in ("127.0.0.1", "127.0.0.2"):
+            c.start(host, *secure, "--node-token", "node-token-0123456789")
+        assert c.uri(0).startswith("grpc+tls://")
+        data = table(5000)
+        flightcache.connect(c.uri(0), token="writer-token-0123456789", tls_ca=cert.read_bytes()).put("sec", data)
+        plain = flight.connect(c.uri(1), tls_root_certs=cert.read_bytes())
+        options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer reader-token-0123456789")])
+        info = plain.get_flight_info(flight.FlightDescriptor.for_path("sec"), options)
+        assert hosts_of(info) == ["127.0.0.1"]
+        # Redeemed at node 2, which fetches the part from node 1 with its node token.
+        assert pa.concat_tables(plain.do_get(e.ticket, options).read_all() for e in info.endpoints).equals(data)
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            plain.get_flight_info(flight.FlightDescriptor.for_path("sec"))
+        refused = run_cli("serve", "--host", "127.0.0.3", "--port", "0", "--cluster", etcd.url, *secure, timeout=60)
+        assert refused.returncode == 1 and "needs --node-token" in refused.stderr
+    finally:
+        c.stop()

@@ -46,7 +46,7 @@ CODES = {
 }
 ACTIONS = {"drop", "info", "list", "stats", "healthcheck", "commit", "abort", "load", "persist", "pin", "unpin"}
 ACTIONS |= {"evict", "shm", "adopt", "refresh", "sql", "CreatePreparedStatement", "ClosePreparedStatement"}
-ACTIONS |= {"CancelFlightInfo", "CancelQuery"}
+ACTIONS |= {"CancelFlightInfo", "CancelQuery", "nodes"}
 
 
 def table(rows: int = 100, start: int = 0) -> pa.Table:

@@ -225,6 +225,7 @@ READS: dict[str, Callable[..., object]] = {
     "action_info": _action("info", {"name": "t/a"}),
     "action_list": _action("list"),
     "action_stats": _action("stats"),
+    "action_nodes": _action("nodes"),
     "action_healthcheck": _action("healthcheck"),
     "action_shm": _action("shm", {"name": "t/a"}),
     "sql_query": _info(flight.FlightDescriptor.for_command(fsql.SqlRequest('SELECT * FROM "t/a"').to_command())),
@@ -627,8 +628,8 @@ def test_serve_help_lists_the_security_flags() -> None:
 # -- TLS ------------------------------------------------------------------------------------------
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key, as PEM files."""
+def self_signed(directory: Path, ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and ``ips``, and its key, as PEM files."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -646,7 +647,9 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]
+            ),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

@@ -16,11 +16,12 @@ publish see the same base version. The store's own lock is never held across I/O
 
 from __future__ import annotations
 
+import builtins
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -324,6 +325,34 @@ class Cache:
         if info is None:
             return {"name": name, "version": corrupt[-1]["version"], "bytes": 0}
         return {"name": info.name, "version": info.version, "bytes": info.nbytes}
+
+    @property
+    def batch_rows(self) -> int:
+        return self.store.batch_rows
+
+    def schemas(self) -> builtins.list[tuple[str, pa.Schema]]:
+        """(name, schema) of every dataset, by name (what SQL lists as tables)."""
+        return sorted((i.name, i.schema) for i in self.store.list())
+
+    def put(
+        self,
+        name: str,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        mode: str = "overwrite",
+        persist: str | None = None,
+        ttl: float | None = None,
+    ) -> dict[str, Any]:
+        """Publish ``batches`` as a put would (atomically: a failing iterator publishes nothing); the summary."""
+        staged = self.store.begin_put(name, schema, mode)
+        try:
+            for batch in batches:
+                staged.add(batch)
+            return self.publish(staged, persist=persist, ttl=ttl).summary()
+        except BaseException:
+            staged.abort()
+            raise
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -107,14 +107,17 @@ def build_server(config: ServerConfig, server_class: type[FlightcacheServer] = F
 
             options["cluster"] = config.cluster
             options["catalog"] = ClusterCatalog(Etcd(config.cluster.etcd), config.cluster.prefix)
+            options["sql_limits"] = config.sql  # its SQL reads the cluster's datasets: the node makes the service
             if server_class is FlightcacheServer:
                 server_class = ClusterServer
+            sql = None
         else:
             cache.recover()
+            sql = SqlService(cache, config.sql)
         return server_class(
             config.location,
             cache=cache,
-            sql=SqlService(cache, config.sql),
+            sql=sql,
             auth=config.credentials,
             limits=config.limits,
             endpoint_bytes=config.endpoint_bytes,

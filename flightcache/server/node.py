@@ -24,7 +24,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,6 +55,7 @@ from ..protocol import (
     Ticket,
     descriptor_name,
 )
+from ..sql.engine import SqlLimits
 from .catalog import IN_STORAGE_ONLY, PERSISTED, VersionRecord
 from .cluster import (
     PART_PREFIX,
@@ -67,7 +68,7 @@ from .cluster import (
     StagedPart,
     rendezvous,
 )
-from .flight import FlightcacheServer, _filter, _translated
+from .flight import FlightcacheServer, Service, _filter, _translated
 from .operations import note
 from .peers import Peers
 from .store import StagedPut, Version
@@ -79,8 +80,21 @@ log = logging.getLogger("flightcache.cluster")
 class ClusterServer(FlightcacheServer):
     """A node of a cluster (``flightcache serve --cluster etcd://...``)."""
 
-    def __init__(self, location: str, *, cluster: ClusterSettings, catalog: ClusterCatalog, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        location: str,
+        *,
+        cluster: ClusterSettings,
+        catalog: ClusterCatalog,
+        sql: Service | None = None,
+        sql_limits: SqlLimits | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from ..sql.service import SqlService
+
         # Set before the Flight server starts: a call may come at once.
+        if sql is None:
+            sql = SqlService(ClusterTables(self, kwargs["cache"].batch_rows), sql_limits)
         self.settings = cluster
         self.catalog = catalog
         self.peers = Peers(cluster.token, cluster.tls_ca or _own_certificate(kwargs))
@@ -89,7 +103,7 @@ class ClusterServer(FlightcacheServer):
         self._named: set[str] = set()  # the parts some version or transaction named at the last collection
         self._stop = threading.Event()
         self.membership = Membership(catalog, cluster, self._describe)
-        super().__init__(location, **kwargs)
+        super().__init__(location, sql=sql, **kwargs)
         if cluster.advertise_port is None:  # --advertise grpc://HOST: this server's own port
             self.settings = cluster.with_port(self.port)
             self.membership.settings = self.settings
@@ -279,6 +293,30 @@ class ClusterServer(FlightcacheServer):
                 )
                 log.info("loading part %s of %s from storage: its node %s left the cluster", t.part, t.name, t.node)
         return self.cache.get(t.part)
+
+    def gather(self, name: str, number: int | None = None) -> Version:
+        """A whole version as one ``Version``: the parts held here as they are, the others fetched (for SQL)."""
+        version = self.catalog.require(name, number)
+        batches: list[pa.RecordBatch] = []
+        for part in version.parts:
+            t = Ticket(name, version.number, 0, part.batches, part=part.part, node=part.node)
+            local = self._local_part(t)
+            if local is None:
+                owner = self.membership.find(part.node)
+                try:
+                    if owner is None:
+                        raise ServerUnavailableError(f"node {part.node} left the cluster")
+                    local_table = self.peers.read_all(owner.location, t.to_bytes())
+                    batches.extend(local_table.to_batches())
+                    continue
+                except ServerUnavailableError:
+                    local = self._from_storage(t)
+                    if local is None:
+                        raise
+            batches.extend(local.batches)
+        return Version(
+            name, version.number, version.schema, tuple(batches), version.num_rows, version.nbytes, version.created
+        )
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -537,6 +575,43 @@ class ClusterServer(FlightcacheServer):
 
 
 _NOT_IN_CLUSTER = "{} is not available in cluster mode yet; run it on a single server"
+
+
+class ClusterTables:
+    """What SQL on a node reads and writes: the cluster's datasets (``sql.engine.Tables``)."""
+
+    def __init__(self, node: ClusterServer, batch_rows: int) -> None:
+        self.node = node
+        self.batch_rows = batch_rows
+
+    def get(self, name: str, version: int | None = None, *, count: bool = False) -> Version:
+        return self.node.gather(name, version)
+
+    def schemas(self) -> list[tuple[str, pa.Schema]]:
+        return sorted((v.name, v.schema) for v in self.node.catalog.datasets())
+
+    def put(
+        self,
+        name: str,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        mode: str,
+        persist: str | None,
+        ttl: float | None,
+    ) -> dict[str, Any]:
+        """``sql ... into``: a part on this node, published as a put of this node publishes it."""
+        options = PutOptions(name=name, mode=mode, persist=persist, ttl=ttl)
+        staged = self.node._begin_put(name, schema, options)
+        rows = 0
+        try:
+            for batch in batches:
+                staged.add(batch)
+                rows += batch.num_rows
+            return self.node._finish_put(name, options, staged, rows)
+        except BaseException:
+            staged.abort()
+            raise
 
 
 def _check_name(name: str) -> None:

@@ -11,6 +11,7 @@ import json
 import threading
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from ..errors import ServerUnavailableError
@@ -48,6 +49,12 @@ class Peers:
         try:
             return self._client(location).do_get(flight.Ticket(ticket), self._stream_options)
         except flight.FlightError as e:
+            raise self._error(location, e) from e
+
+    def read_all(self, location: str, ticket: bytes) -> pa.Table:
+        try:
+            return self.do_get(location, ticket).read_all()
+        except flight.FlightError as e:  # failed mid-stream
             raise self._error(location, e) from e
 
     def action(self, location: str, kind: str, body: dict[str, Any]) -> Any:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -42,7 +42,6 @@ from ..errors import (
     SqlError,
 )
 from ..names import validate_name
-from ..server.cache import Cache
 from ..server.store import Version
 from ..units import parse_bytes
 from .pool import DatabasePool
@@ -115,13 +114,39 @@ class SqlLimits:
 # -- the engine ----------------------------------------------------------------------------------
 
 
+class Tables(Protocol):
+    """The datasets SQL reads and writes: a server's ``Cache``, or a cluster node's view of the cluster."""
+
+    @property
+    def batch_rows(self) -> int: ...
+
+    def get(self, name: str, version: int | None = None, *, count: bool = False) -> Version: ...
+
+    def schemas(self) -> list[tuple[str, pa.Schema]]:
+        """(name, schema) of every dataset, by name."""
+        ...
+
+    def put(
+        self,
+        name: str,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        mode: str,
+        persist: str | None,
+        ttl: float | None,
+    ) -> dict[str, Any]:
+        """Publish ``batches`` as a new version of ``name``, as a put would; its summary."""
+        ...
+
+
 class SqlEngine:
     """Runs queries over a ``Cache``'s datasets. Thread-safe."""
 
-    def __init__(self, cache: Cache, limits: SqlLimits | None = None, *, spares: int = 2) -> None:
-        self.cache = cache
+    def __init__(self, tables: Tables, limits: SqlLimits | None = None, *, spares: int = 2) -> None:
+        self.tables = tables
         self.limits = (limits or SqlLimits.from_env()).checked()
-        self.batch_rows = cache.store.batch_rows
+        self.batch_rows = tables.batch_rows
         self._databases = DatabasePool(self.limits, spares)
         self._slots = threading.BoundedSemaphore(self.limits.max_queries)
         self._watchdog = Watchdog()
@@ -220,21 +245,18 @@ class SqlEngine:
         persist: str | None = None,
         ttl: float | None = None,
         context: flight.ServerCallContext | None = None,
-    ) -> Version:
-        """Run a started query and publish its result as dataset ``into``, as a put would."""
-        try:
-            staged = self.cache.store.begin_put(into, q.schema, mode)
-        except BaseException:
-            q.close()
-            raise
-        try:
-            for batch in q.run(context):
-                staged.add(batch)
+    ) -> dict[str, Any]:
+        """Run a started query and publish its result as dataset ``into``, as a put would; its summary."""
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from q.run(context)
             if context is not None and context.is_cancelled():
                 raise PutAbortedError(f"sql into {into!r} was cancelled by the client; nothing was published")
-            return self.cache.publish(staged, persist=persist, ttl=ttl)
+
+        try:
+            return self.tables.put(into, q.schema, batches(), mode=mode, persist=persist, ttl=ttl)
         except BaseException:
-            staged.abort()
+            q.close()  # refused before it ran (a bad mode, say): the query's database goes back
             raise
 
     def running(self) -> int:
@@ -255,7 +277,7 @@ class SqlEngine:
     def _dataset(self, name: str, count: bool = False) -> Version | None:
         """The current version of dataset ``name``, loading it from storage; None if there is none."""
         try:
-            return self.cache.get(validate_name(name.lower()), count=count)
+            return self.tables.get(validate_name(name.lower()), count=count)
         except (InvalidNameError, DatasetNotFoundError):
             return None  # not a dataset (a CTE, a DuckDB table function...): DuckDB reports it if it matters
 

@@ -25,13 +25,13 @@ from ..errors import (
 )
 from ..names import validate_name
 from ..protocol import ACTIONS, SQL
-from ..server.cache import Cache
 from ..server.translate import translated_stream
 from .engine import (
     MAX_PARAMETER_BYTES,
     MAX_PARAMETER_SETS,
     SqlEngine,
     SqlLimits,
+    Tables,
 )
 
 log = logging.getLogger("flightcache.sql")
@@ -66,9 +66,9 @@ class SqlService:
     """The Flight face of SQL, routed to by ``FlightcacheServer``: flightcache's ``sql`` command and
     action, and enough of Flight SQL for the ADBC driver and flightsql-dbapi."""
 
-    def __init__(self, cache: Cache, limits: SqlLimits | None = None) -> None:
-        self.cache = cache
-        self.engine = SqlEngine(cache, limits)
+    def __init__(self, tables: Tables, limits: SqlLimits | None = None) -> None:
+        self.tables = tables
+        self.engine = SqlEngine(tables, limits)
         self._prepared: dict[bytes, _Prepared] = {}
         self._lock = threading.Lock()
 
@@ -202,18 +202,17 @@ class SqlService:
         validate_name(request.into)
         started = time.perf_counter()
         q = self.engine.start(request.query, [request.params], timeout=request.timeout, context=context)
-        version = self.engine.store(
+        answer = self.engine.store(
             q, request.into, mode=request.mode, persist=request.persist, ttl=request.ttl, context=context
         )
         log.info(
             "sql into %s v%d: %d rows, %d bytes in %.3fs",
-            version.name,
-            version.number,
-            version.num_rows,
-            version.nbytes,
+            answer["name"],
+            answer["version"],
+            answer["rows"],
+            answer["bytes"],
             time.perf_counter() - started,
         )
-        answer = version.summary()
         return json.dumps(answer).encode()
 
     def _prepare(self, context: flight.ServerCallContext, query: str) -> bytes:
@@ -262,7 +261,7 @@ class SqlService:
         if name == "CommandGetDbSchemas":
             return fsql.db_schemas_table(cmd)
         if name == "CommandGetTables":
-            datasets = sorted((i.name, i.schema) for i in self.cache.store.list())
+            datasets = self.tables.schemas()
             return fsql.tables_table(cmd, datasets)
         if name == "CommandGetTableTypes":
             return fsql.table_types_table()
