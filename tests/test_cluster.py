@@ -397,3 +397,40 @@ def test_secured_cluster_calls_between_nodes_carry_the_node_token_over_tls(etcd:
         assert refused.returncode == 1 and "needs --node-token" in refused.stderr
     finally:
         c.stop()
+
+
+def test_etcd_with_authentication(tmp_path: Path) -> None:
+    """A node logs in to an etcd that has authentication on (--etcd-user, --etcd-password-file); a wrong
+    password stops it at start with a clear error."""
+    import sys
+
+    secured = LocalEtcd(str(tmp_path / "etcd")).start()
+    etcdctl = [str(Path(sys.executable).parent / "etcdctl"), f"--endpoints=http://127.0.0.1:{secured.client_port}"]
+    try:
+        for args in (["user", "add", "root:s3cret-pass"], ["auth", "enable"]):
+            done = subprocess.run([*etcdctl, *args], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+        good, bad = tmp_path / "good", tmp_path / "bad"
+        good.write_text("s3cret-pass\n")
+        bad.write_text("wrong\n")
+        c = Cluster(secured, tmp_path / "storage")
+        try:
+            c.start("127.0.0.1", "--etcd-user", "root", "--etcd-password-file", str(good))
+            c.client(0).put("a", table(10))
+            assert c.client(0).get("a").num_rows == 10 and len(c.client(0).nodes()) == 1
+            refused = run_cli(
+                "serve",
+                "--port",
+                "0",
+                "--cluster",
+                secured.url,
+                "--etcd-user",
+                "root",
+                "--etcd-password-file",
+                str(bad),
+            )
+            assert refused.returncode == 1 and "refused user 'root'" in refused.stderr, refused.stderr
+        finally:
+            c.stop()
+    finally:
+        secured.stop()

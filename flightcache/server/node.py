@@ -124,8 +124,9 @@ class ClusterServer(FlightcacheServer):
         super().shutdown()
 
     def drain(self, grace: float) -> dict[str, Any]:
+        summary = super().drain(grace)  # write-backs flushed first: the others then load its parts from storage
         self._leave()
-        return super().drain(grace)
+        return summary
 
     def _leave(self) -> None:
         if not self._stop.is_set():
