@@ -204,6 +204,32 @@ class Client:
         except ServerUnavailableError:
             return self._call(lambda: call(self))
 
+    def _shared_part(self, endpoint: FlightEndpoint, filter: str | pc.Expression | None) -> pa.Table | None:
+        """A cluster endpoint's part mapped from the shared memory of its node, when that node is on this
+        host (projected and filtered here, as its do_get would); None: stream it."""
+        if not self.shm:
+            return None
+        try:
+            t = Ticket.from_bytes(endpoint.ticket.ticket)
+        except InvalidRequestError:
+            return None  # not a flightcache ticket: only its server can read it
+        if t.part is None:
+            return None
+        location = _location(endpoint)
+        node = self if location is None or location == self.uri else self._peer(location)
+        try:
+            shared = node.shared(t.part)
+        except ServerUnavailableError:
+            return None
+        if shared is None:
+            return None
+        expression = filter
+        if isinstance(filter, str):
+            from .filters import parse_filter
+
+            expression = parse_filter(filter)
+        return shared.table(t.columns, expression, (t.start, t.end))
+
     def _peer(self, location: str) -> Client:
         """A client like this one (same credentials, TLS, timeout) for another node of the cluster."""
         with _PEERS_LOCK:
@@ -211,7 +237,7 @@ class Client:
                 self._peers, self._peers_pid = {}, os.getpid()
             peer = self._peers.get(location)
             if peer is None:
-                state = {**self.__getstate__(), "uri": location, "shm": False}
+                state = {**self.__getstate__(), "uri": location}
                 peer = self._peers[location] = Client(**state)
             return peer
 
@@ -452,7 +478,9 @@ class Client:
         info = self.flight_info(name, columns, filter, version)
 
         def fetch(endpoint: flight.FlightEndpoint) -> pa.Table:
-            table = self._redeem(endpoint, lambda c: c.flight.do_get(endpoint.ticket, c._options()).read_all())
+            table = self._shared_part(endpoint, filter)
+            if table is None:
+                table = self._redeem(endpoint, lambda c: c.flight.do_get(endpoint.ticket, c._options()).read_all())
             if progress is not None:
                 progress(table.num_rows, table.nbytes)
             return table

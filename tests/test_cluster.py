@@ -434,3 +434,17 @@ def test_etcd_with_authentication(tmp_path: Path) -> None:
             c.stop()
     finally:
         secured.stop()
+
+
+def test_same_host_reads_map_each_part_from_its_nodes_shared_memory(cluster: Cluster) -> None:
+    """A client on the nodes' host maps every part from the shared memory of the node holding it (no stream),
+    projected and filtered here as the node would."""
+    cluster.client(0).put("m", table(70_000))
+    cluster.client(1).put("m", table(30_000, start=70_000), mode="append")
+    reader = flightcache.connect(cluster.uri(2), shm=True)
+    assert reader.get("m").equals(pa.concat_tables([table(70_000), table(30_000, start=70_000)]))
+    got = reader.get("m", columns=["id"], filter="id >= 69990 and id < 70010")
+    assert got["id"].to_pylist() == list(range(69_990, 70_010))
+    stats = [cluster.client(i).stats() for i in range(3)]
+    assert stats[0]["shm_reads"] > 0 and stats[1]["shm_reads"] > 0, "each node's part was mapped"
+    assert all(s["gets"] == s["shm_reads"] for s in stats), "nothing was streamed"

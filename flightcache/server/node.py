@@ -510,7 +510,9 @@ class ClusterServer(FlightcacheServer):
         return {"name": version.name, "version": version.number, "bytes": version.nbytes}
 
     def _do_shm(self, context: flight.ServerCallContext, request: ShmRequest) -> dict[str, Any]:
-        # A cluster dataset is in parts on several nodes: the client reads it with do_get (its fallback).
+        if request.name.startswith(PART_PREFIX):  # a client on this host maps a part held here
+            return self._shm(request)
+        # A dataset is in parts, perhaps on several nodes: the client maps each part at its node, or streams.
         return {"name": request.name, "files": None, "enabled": True}
 
     def _do_load(self, context: flight.ServerCallContext, request: LoadRequest) -> Iterator[bytes]:
