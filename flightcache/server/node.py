@@ -100,7 +100,7 @@ class ClusterServer(FlightcacheServer):
         self.peers = Peers(cluster.token, cluster.tls_ca or _own_certificate(kwargs))
         self._sequence = itertools.count()
         self._stored: set[str] = set()  # parts known to be in storage (they never leave it while named)
-        self._named: set[str] = set()  # the parts some version or transaction named at the last collection
+        self._named: set[str] = set()  # local parts some version or transaction has named (or that it published)
         self._stop = threading.Event()
         self.membership = Membership(catalog, cluster, self._describe)
         super().__init__(location, sql=sql, **kwargs)
@@ -356,6 +356,7 @@ class ClusterServer(FlightcacheServer):
         except BaseException:
             self.cache.drop(local.name)  # never half-visible: the part goes with the refused publish
             raise
+        self._named.add(local.name)
         return version.summary()
 
     def _version(
@@ -562,18 +563,20 @@ class ClusterServer(FlightcacheServer):
         kept = self.catalog.collect_versions(self.store.retain_seconds, now)
         named = {p.part for v in kept for p in v.parts} | self.catalog.staged_parts()
         freed = 0
-        for info in self.store.list():
+        held = self.store.list()
+        self._named |= named & {info.name for info in held}
+        for info in held:
             if not info.name.startswith(PART_PREFIX) or info.name in named:
                 continue
             # A part never seen named may be one whose publish is on its way: it gets gc_grace to be named.
             if info.name in self._named or now - info.created > self.settings.gc_grace:
                 try:
                     self.cache.drop(info.name)
-                    self._stored.discard(info.name)
                     freed += 1
                 except DatasetNotFoundError:
                     pass
-        self._named = named
+                self._stored.discard(info.name)
+                self._named.discard(info.name)
         return {"datasets_expired": dropped, "parts_freed": freed}
 
 
