@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from ..errors import DatasetNotFoundError, InvalidRequestError, ServerUnavailableError
+from ..errors import DatasetNotFoundError, InvalidRequestError, PutAbortedError, ServerUnavailableError
 from ..protocol import decode_schema, encode_schema
 from .etcd import Entry, Etcd, EtcdSettings, absent, unchanged
 
@@ -345,7 +345,7 @@ class ClusterCatalog:
         if not self.etcd.txn(
             [absent(self._key("txnend", txn))], [(self._key("txn", txn, staged.id), staged.to_json(), lease)]
         ):
-            raise InvalidRequestError(f"transaction {txn!r} has ended already (committed or aborted)")
+            raise PutAbortedError(f"transaction {txn!r} has ended (committed or aborted); nothing was staged")
 
     def staged(self, txn: str) -> list[StagedPart]:
         """The parts staged under ``txn``, in the order they finished staging."""

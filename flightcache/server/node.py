@@ -260,8 +260,9 @@ class ClusterServer(FlightcacheServer):
             reader = self.peers.do_get(owner.location, ticket.ticket)
             schema = reader.schema
         except (ServerUnavailableError, flight.FlightUnavailableError):
-            local = self._from_storage(t)  # the node died and the membership has not seen it yet
+            local = self._from_storage(t)  # the node died and this node's view of the members is behind
             if local is None:
+                self._raise_if_gone(t)
                 raise
             return self._serve(context, t, local)
         return flight.GeneratorStream(schema, translated_stream("do_get", _relay(reader)))
@@ -277,6 +278,12 @@ class ClusterServer(FlightcacheServer):
         if local is None:
             raise self._lost(t.name, t.part, t.node)
         return local
+
+    def _raise_if_gone(self, t: Ticket) -> None:
+        """DATA_LOST if the node of ``t``'s part has left the cluster (as etcd says now), else return."""
+        assert t.part is not None and t.node is not None
+        if t.node not in self.membership.refresh_members():
+            raise self._lost(t.name, t.part, t.node)
 
     def _from_storage(self, t: Ticket) -> Version | None:
         """Load a part of a node that left the cluster from storage; None if storage does not hold it."""
@@ -313,6 +320,7 @@ class ClusterServer(FlightcacheServer):
                 except ServerUnavailableError:
                     local = self._from_storage(t)
                     if local is None:
+                        self._raise_if_gone(t)
                         raise
             batches.extend(local.batches)
         return Version(
@@ -353,9 +361,11 @@ class ClusterServer(FlightcacheServer):
                     name, options.mode, staged.schema, [part], current, number, expires
                 ),
             )
-        except BaseException:
-            self.cache.drop(local.name)  # never half-visible: the part goes with the refused publish
+        except (DatasetExistsError, SchemaMismatchError, InvalidRequestError, PutAbortedError):
+            self.cache.drop(local.name)  # refused before anything was written to etcd: the part goes now
             raise
+        # Any other failure (etcd unreachable mid-call, say) may have published it all the same: the
+        # collector frees the part after gc_grace unless a version names it.
         self._named.add(local.name)
         return version.summary()
 
