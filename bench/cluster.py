@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import multiprocessing as mp
 import os
 import random
@@ -471,8 +472,6 @@ def version_record(name: str, number: int, parts: int, schema: pa.Schema) -> Any
 
 
 def run_listing(args: argparse.Namespace, etcd_url: str) -> dict[str, Any]:
-    import json
-
     from flightcache.server.cluster import ClusterCatalog
     from flightcache.server.etcd import Etcd, EtcdSettings
 
@@ -755,6 +754,16 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def load_range(result: dict[str, Any]) -> tuple[float, float]:
+    """The lowest and highest 1-minute load average sampled during the run (sections, repetitions, rounds)."""
+    samples = [v[0] for v in result["loadavg"].values()]
+    samples += [v[0] for v in result.get("throughput", {}).get("loadavg_per_rep", [])]
+    samples += [v[0] for v in result.get("catalog", {}).get("loadavg_per_round", [])]
+    for lease in result.get("recovery", {}).get("leases", {}).values():
+        samples += [r["loadavg"][0] for r in lease["reps"]]
+    return min(samples), max(samples)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -762,7 +771,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(18, 10))
-    when = f"{result['machine']['date']}, 2 shared cores, load {result['loadavg']['start'][0]}"
+    low, high = load_range(result)
+    when = f"{result['machine']['date']}, 2 shared cores, 1-min load {low:g} to {high:g} during the run"
     fig.suptitle(f"flightcache cluster mode on one host (bench/cluster.py, {when})")
     if "throughput" in result:
         t = result["throughput"]
@@ -858,6 +868,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-shm", action="store_true", help="leave out the standalone-shm reference")
     parser.add_argument("--sections", default="acde", help="which sections to run (default: acde; b runs with a)")
     parser.add_argument(
+        "--plot-only", type=Path, metavar="JSON", help="draw the PNG of an earlier run's JSON, beside it"
+    )
+    parser.add_argument(
         "--out", type=Path, help=f"directory for cluster.json and .png (default {DEFAULT_OUT}; --quick: a temp dir)"
     )
     args = parser.parse_args(argv)
@@ -884,6 +897,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
     with tempfile.TemporaryDirectory(prefix="flightcache-cluster-run-") as tmp:
         result = run(args, Path(tmp))
     result["loadavg"]["end"] = loadavg()
@@ -905,7 +921,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"lease {lease:>2} s: gone after {v['detected_s']['median']:.2f} s, read ok after "
                 f"{v['read_ok_s']['median']:.2f} s (medians)"
             )
-    progress(f"wrote {out} in {result['elapsed_s']:.0f} s; load {result['loadavg']}")
+    low, high = load_range(result)
+    progress(f"wrote {out} in {result['elapsed_s']:.0f} s; 1-minute load average {low:g} to {high:g} during the run")
     return 0
 
 
