@@ -101,6 +101,7 @@ bench: $(STAMP) $(JAR) $(S3A_JARS) $(ALLUXIO_JARS)
 	$(PY) bench/spark_read.py
 	$(PY) bench/handoff.py
 	$(PY) bench/spark_connector.py
+	$(PY) bench/cluster.py
 	$(PY) bench/report.py
 
 clean:

@@ -123,3 +123,41 @@ def start_proxy(upstream_port: int, latency_ms: float, bandwidth_mbps: float, ji
     port = json.loads(proc.stdout.readline())["port"]
     proc.stdout.close()
     return f"http://127.0.0.1:{port}"
+
+
+def launch_server(args: list[str], log: Path) -> subprocess.Popen[str]:
+    """Start ``flightcache serve --port 0 --output json ARGS`` (stderr to ``log``); read its start-up with
+    ``server_ready``. Several can be launched first and then waited for, so that they start in parallel."""
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flightcache.cli", "serve", "--port", "0", "--output", "json", *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+
+
+def server_ready(proc: subprocess.Popen[str], log: Path | None = None) -> dict[str, Any]:
+    """The JSON start-up message of a server started by ``launch_server`` (uri, pid, node, ...), once it serves."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("}"):  # the message spans several lines
+        line = proc.stdout.readline()
+        if not line:
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"flightcache serve exited with status {proc.wait()} before it was ready\n{tail}")
+        lines.append(line)
+    return dict(json.loads("".join(lines)))
+
+
+def stop_server(proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """SIGTERM (SIGKILL if it does not stop within ``timeout``) a server started by ``launch_server``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
