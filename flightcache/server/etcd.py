@@ -278,6 +278,8 @@ class LocalEtcd:
                 f"--initial-advertise-peer-urls={peer}",
                 f"--initial-cluster=flightcache={peer}",
                 "--log-level=error",
+                "--auto-compaction-mode=periodic",
+                "--auto-compaction-retention=1h",  # else etcd keeps every revision until its quota fills
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
