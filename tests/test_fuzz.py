@@ -338,6 +338,7 @@ ACTION_BASES: dict[str, dict[str, Any] | None] = {
     "abort": {"txn": "t1"},
     "sql": {"query": f'SELECT * FROM "{SENTINEL}"', "into": "fuzz/q"},
     "adopt": {"name": "fuzz/a", "nbytes": 100},
+    "nodes": None,
 }
 assert set(ACTION_BASES) == {name for name, a in ACTIONS.items() if a.service == CORE} | {"sql"}
 actions = st.one_of(
