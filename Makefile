@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
+# Test processes (pytest-xdist): the suite mostly waits on servers it starts, so two halve it on two cores.
+# Each test file runs whole in one process (module fixtures start once). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo demo-quick test test-fast test-java test-java-conformance lint typecheck lock bench clean jar s3a-jars alluxio-jars
 
@@ -71,7 +74,7 @@ test: $(STAMP) $(JAR) $(S3A_JARS) test-java-conformance
 	$(PY) -m ruff check flightcache tests bench pipelines
 	$(PY) -m mypy
 	$(MVN) test
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 test-java: $(STAMP) $(JAR)
 	$(MVN) test

@@ -19,7 +19,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = (
     "flight_throughput", "storage", "sql", "pipeline", "pipeline_shm", "pipeline_shm_scale4", "spark_read", "load",
-    "handoff", "cluster",
+    "handoff", "cluster", "spark_connector", "freshness",
 )
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

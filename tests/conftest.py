@@ -38,6 +38,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture in set(FIXTURE_MARKS).intersection(getattr(item, "fixturenames", ())):
             item.add_marker(FIXTURE_MARKS[fixture])
+    # The longest files first (a long timeout marks them): `make test` hands whole files to two processes in
+    # this order, and a long file started last would run alone at the end.
+    items.sort(key=lambda item: -_timeout(item))
+
+
+def _timeout(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    return float(marker.args[0]) if marker is not None and marker.args else 0.0
 
 
 @pytest.fixture

@@ -448,3 +448,8 @@ def test_same_host_reads_map_each_part_from_its_nodes_shared_memory(cluster: Clu
     stats = [cluster.client(i).stats() for i in range(3)]
     assert stats[0]["shm_reads"] > 0 and stats[1]["shm_reads"] > 0, "each node's part was mapped"
     assert all(s["gets"] == s["shm_reads"] for s in stats), "nothing was streamed"
+    # A part asked of a node that does not hold it is not mapped there (the client streams it: do_get proxies
+    # it, loads it from storage or says it is lost), rather than failing as an unknown dataset.
+    part = next(p["part"] for p in reader.info("m")["parts"] if p["node"] == cluster.node(0))
+    assert cluster.client(1).shared(part) is None
+    assert cluster.client(0).shared(part) is not None

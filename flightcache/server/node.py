@@ -521,8 +521,12 @@ class ClusterServer(FlightcacheServer):
         return {"name": version.name, "version": version.number, "bytes": version.nbytes}
 
     def _do_shm(self, context: flight.ServerCallContext, request: ShmRequest) -> dict[str, Any]:
-        if request.name.startswith(PART_PREFIX):  # a client on this host maps a part held here
-            return self._shm(request)
+        if request.name.startswith(PART_PREFIX):
+            if self.store.record(request.name) is not None:  # a client on this host maps a part held here
+                return self._shm(request)
+            # Not held here (another node's, or a dead node's to load from storage): the client streams it,
+            # and do_get proxies it, loads it or says it is lost.
+            return {"name": request.name, "files": None, "enabled": True}
         # A dataset is in parts, perhaps on several nodes: the client maps each part at its node, or streams.
         return {"name": request.name, "files": None, "enabled": True}
 
