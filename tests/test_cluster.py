@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
+import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli, start_server_ready, stop_server, wait_until
 
@@ -29,6 +30,7 @@ from flightcache.errors import (
     FlightcacheError,
     InvalidNameError,
     InvalidRequestError,
+    NotImplementedByServerError,
     ServerUnavailableError,
 )
 from flightcache.protocol import Ticket
@@ -453,3 +455,25 @@ def test_same_host_reads_map_each_part_from_its_nodes_shared_memory(cluster: Clu
     part = next(p["part"] for p in reader.info("m")["parts"] if p["node"] == cluster.node(0))
     assert cluster.client(1).shared(part) is None
     assert cluster.client(0).shared(part) is not None
+
+
+def test_load_reads_parquet_into_a_part_of_the_loading_node(cluster: Cluster, tmp_path: Path) -> None:
+    """load on a node: a snapshot of external Parquet becomes a part of that node, read through every node;
+    a refresh policy that would follow the source is refused (not in cluster mode yet), and nothing appears."""
+    source = tmp_path / "lake"
+    source.mkdir()
+    parts = [table(30_000), table(20_000, start=30_000)]
+    pq.write_table(parts[0], source / "a.parquet")
+    pq.write_table(parts[1], source / "b.parquet")
+    summary = cluster.client(1).load("lake", str(source))
+    assert summary["rows"] == 50_000
+    info = cluster.client(2).info("lake")
+    assert [p["node"] for p in info["parts"]] == [cluster.node(1)]
+    assert cluster.client(0).get("lake").sort_by("id").equals(pa.concat_tables(parts).combine_chunks())
+    cluster.client(0).load("lake", str(source / "a.parquet"), mode="append")
+    assert cluster.client(2).get("lake").num_rows == 80_000
+    with pytest.raises(NotImplementedByServerError, match="refresh policy 'on-read' is not in cluster mode"):
+        cluster.client(0).load("fresh", str(source), refresh="on-read")
+    with pytest.raises(FlightcacheError, match="nowhere"):
+        cluster.client(0).load("fresh", str(tmp_path / "nowhere"))
+    assert "fresh" not in {d["name"] for d in cluster.client(2).list()}

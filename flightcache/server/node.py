@@ -19,6 +19,7 @@ ago, parts that no version and no open transaction names, datasets whose TTL end
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import secrets
@@ -71,6 +72,8 @@ from .cluster import (
 from .flight import FlightcacheServer, Service, _filter, _translated
 from .operations import note
 from .peers import Peers
+from .sources import MANUAL, Policy, open_source
+from .storage import redacted
 from .store import StagedPut, Version
 from .translate import translated_stream
 
@@ -93,8 +96,9 @@ class ClusterServer(FlightcacheServer):
         from ..sql.service import SqlService
 
         # Set before the Flight server starts: a call may come at once.
+        self.tables = ClusterTables(self, kwargs["cache"].batch_rows)
         if sql is None:
-            sql = SqlService(ClusterTables(self, kwargs["cache"].batch_rows), sql_limits)
+            sql = SqlService(self.tables, sql_limits)
         self.settings = cluster
         self.catalog = catalog
         self.peers = Peers(cluster.token, cluster.tls_ca or _own_certificate(kwargs))
@@ -531,7 +535,29 @@ class ClusterServer(FlightcacheServer):
         return {"name": request.name, "files": None, "enabled": True}
 
     def _do_load(self, context: flight.ServerCallContext, request: LoadRequest) -> Iterator[bytes]:
-        raise NotImplementedByServerError(_NOT_IN_CLUSTER.format("load"))
+        """A snapshot of external Parquet (or an Iceberg table) read by this node and published as one of its
+        parts, as a put to it would be. Following the source needs a tracker every node agrees on: not yet."""
+        _check_name(request.name)
+        if Policy.parse(request.refresh, request.refresh_min_interval).mode != MANUAL:
+            raise NotImplementedByServerError(
+                f"load of {request.name!r}: refresh policy {request.refresh!r} is not in cluster mode yet (only "
+                "'manual'); load it again to take what changed, or load it on a standalone server"
+            )
+        note(context, dataset=request.name, mode=request.mode)
+        storage = self.cache.storage
+        endpoint = storage.s3_endpoint if storage is not None and request.uri.startswith("s3://") else None
+        source = open_source(request.uri, s3_endpoint=endpoint)
+        table = source.read(source.listing(), None, None)
+        summary = self.tables.put(
+            request.name,
+            table.schema,
+            table.to_batches(max_chunksize=self.tables.batch_rows),
+            mode=request.mode,
+            persist=request.persist,
+            ttl=request.ttl,
+        )
+        log.info("loaded %s v%s from %s", request.name, summary.get("version"), redacted(request.uri))
+        return iter([json.dumps(summary).encode()])  # read before returning: errors are translated as any call's
 
     def _do_refresh(self, context: flight.ServerCallContext, request: NameRequest) -> dict[str, Any]:
         raise NotImplementedByServerError(_NOT_IN_CLUSTER.format("refresh"))
