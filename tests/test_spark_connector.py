@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from conftest import RecordingServer, every_type_table, logs_table
 from test_security import READ_TOKEN, WRITE_TOKEN, self_signed
@@ -109,7 +110,12 @@ EVERY_SPARK_TYPE = """
 VARIANT = '{"a":[1,2]}'
 
 
-def test_every_spark_type_round_trips(spark: SparkSession, client: flightcache.Client) -> None:
+# A task on the server's host reads the server's shared memory (shm true, the default) or streams (false).
+READ_PATHS = pytest.mark.parametrize("shm", ["true", "false"])
+
+
+@READ_PATHS
+def test_every_spark_type_round_trips(spark: SparkSession, client: flightcache.Client, shm: str) -> None:
     """Every Spark type Arrow carries comes back as it went in, stored as the Python source stores it."""
     df = spark.sql(EVERY_SPARK_TYPE).selectExpr("*", f"if(int IS NULL, NULL, parse_json('{VARIANT}')) AS variant")
     spark.conf.set("spark.sql.session.timeZone", "America/Los_Angeles")  # timestamps are instants, stored in UTC
@@ -117,7 +123,7 @@ def test_every_spark_type_round_trips(spark: SparkSession, client: flightcache.C
         _write(df, client.uri, "types")
     finally:
         spark.conf.set("spark.sql.session.timeZone", "UTC")
-    back = _read(spark, client.uri, "types")
+    back = _read(spark, client.uri, "types", shm=shm)
     assert back.schema == df.schema
     plain = [c for c in df.columns if c != "variant"]
     assert sorted(back.select(plain).collect(), key=str) == sorted(df.select(plain).collect(), key=str)
@@ -129,16 +135,17 @@ def test_every_spark_type_round_trips(spark: SparkSession, client: flightcache.C
     assert sorted(python.select(plain).collect(), key=str) == sorted(df.select(plain).collect(), key=str)
 
 
+@READ_PATHS
 def test_arrow_types_spark_lacks_read_as_the_python_source_reads_them(
-    spark: SparkSession, client: flightcache.Client
+    spark: SparkSession, client: flightcache.Client, shm: str
 ) -> None:
     """Unsigned, large, dictionary, fixed-size, zoned, ns/ms timestamps, time, duration, null: as the Python source."""
     table = every_type_table()
     client.put("arrow", table)
     with pytest.raises(SparkError, match=r"'decimal256'.*38 digits"):
-        _read(spark, client.uri, "arrow")
+        _read(spark, client.uri, "arrow", shm=shm)
     columns = ",".join(c for c in table.column_names if c != "decimal256")
-    jvm_df = _read(spark, client.uri, "arrow", columns=columns)
+    jvm_df = _read(spark, client.uri, "arrow", columns=columns, shm=shm)
     python_df = spark.read.format(fs.FORMAT).option("uri", client.uri).option("columns", columns).load("arrow")
     assert jvm_df.schema == python_df.schema
     assert jvm_df.collect() == python_df.collect()
@@ -148,6 +155,34 @@ def test_arrow_types_spark_lacks_read_as_the_python_source_reads_them(
     assert [r.list_of_dict for r in rows] == [["p", "q"], None, [], ["p"]]
     ns = jvm_df.selectExpr("unix_micros(ts_ns_utc) AS ns").collect()
     assert [r.ns for r in ns] == [0, None, 0, 0]  # nanoseconds truncated to Spark's microseconds
+
+
+def test_a_task_on_the_servers_host_reads_its_shared_memory(
+    spark: SparkSession, server: FlightcacheServer, uri: str
+) -> None:
+    """Unfiltered partitions are read from the server's shared memory (the server counts shm reads, streams
+    none), pruned columns picked by the task; a filtered read streams, as the server applies the filter;
+    shm=false streams everything. All give the same rows."""
+    if server.cache.shm is None:
+        pytest.fail("this machine has no usable /dev/shm: the shared-memory path cannot be tested")
+    table = logs_table(300_000)
+    with flightcache.connect(uri) as c:
+        c.put("logs", pa.Table.from_batches(table.to_batches(max_chunksize=20_000)))
+    before = server.stats()
+    df = _read(spark, uri, "logs", partitions="4")
+    assert df.count() == 300_000
+    assert sorted(df.select("bytes", "status").collect()) == sorted(
+        zip(table["bytes"].to_pylist(), table["status"].to_pylist(), strict=True)
+    )
+    mapped = server.stats()
+    assert mapped["shm_reads"] - before["shm_reads"] >= 8  # two reads of 4+ partitions
+    assert mapped["gets"] - before["gets"] == mapped["shm_reads"] - before["shm_reads"], "nothing was streamed"
+    filtered = _read(spark, uri, "logs").where("status = 200").select("bytes")
+    assert filtered.count() == table.filter(pc.field("status") == 200).num_rows
+    streamed = server.stats()
+    assert streamed["shm_reads"] == mapped["shm_reads"] and streamed["gets"] > mapped["gets"]
+    assert _read(spark, uri, "logs", shm="false").count() == 300_000
+    assert server.stats()["shm_reads"] == mapped["shm_reads"]
 
 
 def test_pruning_and_pushdown_reach_the_server_and_show_in_the_plan(

@@ -42,10 +42,11 @@ public final class Options implements Serializable {
   public final String token;
   public final byte[] tlsCa;
   public final int partitions; // 0: the session's default parallelism
+  public final boolean shm; // a task on the server's host reads its shared memory instead of a stream
 
   private Options(
       String uri, String name, List<String> columns, String filter, boolean pushdown, String ifExists,
-      String persist, Double ttl, String token, byte[] tlsCa, int partitions) {
+      String persist, Double ttl, String token, byte[] tlsCa, int partitions, boolean shm) {
     this.uri = uri;
     this.name = name;
     this.columns = columns;
@@ -57,6 +58,7 @@ public final class Options implements Serializable {
     this.token = token;
     this.tlsCa = tlsCa;
     this.partitions = partitions;
+    this.shm = shm;
   }
 
   public static Options parse(Map<String, String> given) {
@@ -109,7 +111,7 @@ public final class Options implements Serializable {
               + "(or leave it out to follow the save mode, append or overwrite)");
     }
     boolean pushdown = bool(o, "pushdown", "true", name);
-    bool(o, "shm", "true", name); // accepted for the Python source's sake; the JVM connector always streams
+    boolean shm = bool(o, "shm", "0".equals(env.get("FLIGHTCACHE_SHM")) ? "false" : "true", name);
     String partitionsText = blankToNull(o.get("partitions"));
     int partitions = 0;
     if (partitionsText != null) {
@@ -144,7 +146,8 @@ public final class Options implements Serializable {
     String token = firstNonBlank(o.get("token"), env.get("FLIGHTCACHE_TOKEN"), null);
     byte[] ca = readCa(firstNonBlank(o.get("tls_ca"), env.get("FLIGHTCACHE_TLS_CA"), null));
     return new Options(
-        uri, name, columns, blankToNull(o.get("filter")), pushdown, ifExists, persist, ttl, token, ca, partitions);
+        uri, name, columns, blankToNull(o.get("filter")), pushdown, ifExists, persist, ttl, token, ca, partitions,
+        shm);
   }
 
   /** PEM bytes of a CA certificate given as PEM text or a file path (read once, on the driver). */

@@ -76,6 +76,14 @@ public final class Wire {
     return encode(m);
   }
 
+  /** The body of the shm action: where a version (null: the current one) is in shared memory. */
+  public static byte[] shm(String name, Long version) {
+    Map<String, Object> m = message();
+    m.put("name", name);
+    putIf(m, "version", version);
+    return encode(m);
+  }
+
   public static byte[] named(String name) {
     Map<String, Object> m = message();
     m.put("name", name);

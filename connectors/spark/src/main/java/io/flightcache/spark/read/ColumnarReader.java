@@ -2,6 +2,7 @@ package io.flightcache.spark.read;
 
 import io.flightcache.spark.protocol.Connection;
 import io.flightcache.spark.protocol.FlightcacheException;
+import java.io.IOException;
 import java.util.ArrayList;
 import java.util.List;
 import org.apache.arrow.flight.FlightRuntimeException;
@@ -11,14 +12,16 @@ import org.apache.arrow.flight.Ticket;
 import org.apache.arrow.memory.BufferAllocator;
 import org.apache.arrow.vector.FieldVector;
 import org.apache.arrow.vector.VectorSchemaRoot;
+import org.apache.arrow.vector.dictionary.DictionaryProvider;
 import org.apache.spark.sql.connector.read.PartitionReader;
 import org.apache.spark.sql.types.StructType;
 import org.apache.spark.sql.vectorized.ColumnVector;
 import org.apache.spark.sql.vectorized.ColumnarBatch;
 
 /**
- * Streams one endpoint with do_get and hands Spark each received batch as ArrowColumnVectors over the
- * stream's own vectors (no copy); only columns of types Spark cannot read as they are get converted.
+ * Streams one endpoint with do_get, or on the server's host reads it from the server's shared memory, and
+ * hands Spark each batch as ArrowColumnVectors over the received vectors (no further copy); only columns of
+ * types Spark cannot read as they are get converted.
  * A batch is valid until the next call of next(), as Spark's columnar contract says. Everything is
  * allocated from a per-task child allocator, closed (once) with the stream and the client.
  */
@@ -29,6 +32,7 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
   private Connection connection;
   private String at; // the server being read from: one of the partition's
   private FlightStream stream;
+  private SharedBatches shared; // instead of the stream: the batches read from the server's shared memory
   private Conversion[] conversions; // per column, null where Spark reads the vector as it is
   private final List<FieldVector> converted = new ArrayList<>(); // this batch's converted vectors
   private VectorSchemaRoot root; // the root the cached vectors wrap
@@ -47,12 +51,12 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
       return false;
     }
     try {
-      if (stream == null) {
+      if (stream == null && shared == null) {
         open();
       }
       releaseConverted();
-      while (stream.next()) {
-        VectorSchemaRoot current = stream.getRoot();
+      while (shared != null ? shared.next() : stream.next()) {
+        VectorSchemaRoot current = shared != null ? shared.root() : stream.getRoot();
         if (current.getRowCount() == 0) {
           continue;
         }
@@ -61,6 +65,9 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
       }
       finish();
       return false;
+    } catch (IOException e) {
+      throw new FlightcacheException(
+          "INTERNAL", "reading dataset '" + partition.options.name + "' from the shared memory of " + at + " failed: " + e, e);
     } catch (FlightRuntimeException e) {
       FlightcacheException explained = Connection.explain(e, partition.options, at, "read");
       if ("DATASET_NOT_FOUND".equals(explained.code())) {
@@ -78,8 +85,11 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
    * Redeems the ticket at the first of the partition's servers that answers. The next replica is tried
    * only when connecting to one fails (UNAVAILABLE before its first answer), never once data came.
    */
-  private void open() {
+  private void open() throws IOException {
     allocator = Allocators.child("read " + partition.options.name);
+    if (partition.options.shm && openShared()) {
+      return;
+    }
     FlightRuntimeException unreachable = null;
     for (int i = 0; i < partition.uris.size(); i++) {
       at = partition.uris.get(i);
@@ -101,7 +111,31 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
         connection = null;
       }
     }
-    List<org.apache.arrow.vector.types.pojo.Field> fields = stream.getSchema().getFields();
+    prepare(stream.getSchema().getFields());
+  }
+
+  /**
+   * Reads the ticket from the shared memory of its first server, when that server is on this host and
+   * keeps the data there (protocol §9); false: stream it.
+   */
+  private boolean openShared() throws IOException {
+    at = partition.uris.get(0);
+    connection = new Connection(partition.options, at, allocator);
+    try {
+      shared = SharedBatches.open(connection, partition.ticket, allocator);
+    } catch (FlightRuntimeException e) {
+      shared = null; // not reachable: the stream tries every replica
+    }
+    if (shared == null) {
+      connection.close();
+      connection = null;
+      return false;
+    }
+    prepare(shared.fields());
+    return true;
+  }
+
+  private void prepare(List<org.apache.arrow.vector.types.pojo.Field> fields) {
     conversions = new Conversion[fields.size()];
     for (int i = 0; i < fields.size(); i++) {
       if (!io.flightcache.spark.types.TypeMapping.isNative(fields.get(i))) {
@@ -124,7 +158,8 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
     ColumnVector[] columns = vectors.clone();
     for (int i = 0; i < n; i++) {
       if (conversions[i] != null) {
-        FieldVector out = conversions[i].convert(current.getVector(i), stream.getDictionaryProvider(), allocator);
+        DictionaryProvider dictionaries = shared != null ? shared.dictionaries() : stream.getDictionaryProvider();
+        FieldVector out = conversions[i].convert(current.getVector(i), dictionaries, allocator);
         converted.add(out);
         columns[i] = new BorrowedArrowColumnVector(out);
       }
@@ -159,6 +194,10 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
     releaseConverted();
     try {
       closeStream();
+      if (shared != null) {
+        shared.close();
+        shared = null;
+      }
     } finally {
       if (connection != null) {
         connection.close();
