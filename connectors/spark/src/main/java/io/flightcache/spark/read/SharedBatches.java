@@ -80,13 +80,18 @@ final class SharedBatches implements AutoCloseable {
    */
   @SuppressWarnings("unchecked")
   static SharedBatches open(Connection connection, byte[] ticket, BufferAllocator allocator) {
-    Map<String, Object> t = Wire.decode(ticket);
+    Map<String, Object> t;
+    byte[] body;
+    try {
+      t = Wire.decode(ticket);
+      Object part = t.get("part");
+      body = part != null ? Wire.shm((String) part, null) : Wire.shm((String) t.get("name"), ((Number) t.get("version")).longValue());
+    } catch (RuntimeException e) { // FlightcacheException for bytes that are not JSON, or missing fields
+      return null; // not a ticket this reader understands: its server judges it
+    }
     if (t.get("filter") != null || t.get("filter_substrait") != null) {
       return null;
     }
-    Object part = t.get("part");
-    byte[] body =
-        part != null ? Wire.shm((String) part, null) : Wire.shm((String) t.get("name"), ((Number) t.get("version")).longValue());
     Map<String, Object> answer;
     try {
       answer = connection.action("shm", body, "map from shared memory").get(0);
