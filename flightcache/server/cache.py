@@ -263,9 +263,6 @@ class Cache:
         refresh_min_interval: float | None = None,
     ) -> Version:
         """Load an external Parquet file or directory, or an Iceberg table, as dataset ``name`` (see ``sources``)."""
-        endpoint = None
-        if self.storage is not None and self.storage.uri.startswith("s3://") and uri.startswith("s3://"):
-            endpoint = self.storage.s3_endpoint
         return self.sources.load(
             name,
             uri,
@@ -275,8 +272,14 @@ class Cache:
             progress=progress,
             refresh=refresh,
             refresh_min_interval=refresh_min_interval,
-            s3_endpoint=endpoint,
+            s3_endpoint=self.s3_endpoint_for(uri),
         )
+
+    def s3_endpoint_for(self, uri: str) -> str | None:
+        """The S3 endpoint to read external ``uri`` at: the storage's, when both are on S3 (one object store)."""
+        if self.storage is not None and self.storage.uri.startswith("s3://") and uri.startswith("s3://"):
+            return self.storage.s3_endpoint
+        return None
 
     def info(self, name: str) -> dict[str, Any]:
         """What the ``info`` action answers for ``name`` (a name whose only stored manifest is corrupt too)."""

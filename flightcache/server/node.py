@@ -525,13 +525,11 @@ class ClusterServer(FlightcacheServer):
         return {"name": version.name, "version": version.number, "bytes": version.nbytes}
 
     def _do_shm(self, context: flight.ServerCallContext, request: ShmRequest) -> dict[str, Any]:
-        if request.name.startswith(PART_PREFIX):
-            if self.store.record(request.name) is not None:  # a client on this host maps a part held here
-                return self._shm(request)
-            # Not held here (another node's, or a dead node's to load from storage): the client streams it,
-            # and do_get proxies it, loads it or says it is lost.
-            return {"name": request.name, "files": None, "enabled": True}
-        # A dataset is in parts, perhaps on several nodes: the client maps each part at its node, or streams.
+        if request.name.startswith(PART_PREFIX) and self.store.record(request.name) is not None:
+            return self._shm(request)  # a client on this host maps a part held here
+        # A dataset is in parts, perhaps on several nodes: the client maps each part at its node, or streams. A
+        # part not held here (another node's, or a dead node's): the client streams it, and do_get proxies it,
+        # loads it from storage or says it is lost.
         return {"name": request.name, "files": None, "enabled": True}
 
     def _do_load(self, context: flight.ServerCallContext, request: LoadRequest) -> Iterator[bytes]:
@@ -544,9 +542,7 @@ class ClusterServer(FlightcacheServer):
                 "'manual'); load it again to take what changed, or load it on a standalone server"
             )
         note(context, dataset=request.name, mode=request.mode)
-        storage = self.cache.storage
-        endpoint = storage.s3_endpoint if storage is not None and request.uri.startswith("s3://") else None
-        source = open_source(request.uri, s3_endpoint=endpoint)
+        source = open_source(request.uri, s3_endpoint=self.cache.s3_endpoint_for(request.uri))
         table = source.read(source.listing(), None, None)
         summary = self.tables.put(
             request.name,

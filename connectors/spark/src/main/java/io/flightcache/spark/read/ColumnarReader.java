@@ -120,6 +120,9 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
    */
   private boolean openShared() throws IOException {
     at = partition.uris.get(0);
+    if (!onThisHost(at)) {
+      return false; // no shm round trip for a server elsewhere: its files cannot be here
+    }
     connection = new Connection(partition.options, at, allocator);
     try {
       shared = SharedBatches.open(connection, partition.ticket, allocator);
@@ -133,6 +136,16 @@ final class ColumnarReader implements PartitionReader<ColumnarBatch> {
     }
     prepare(shared.fields());
     return true;
+  }
+
+  /** Whether {@code uri}'s host is an address of this machine (loopback, or one of its interfaces). */
+  private static boolean onThisHost(String uri) {
+    try {
+      java.net.InetAddress a = java.net.InetAddress.getByName(java.net.URI.create(uri).getHost());
+      return a.isLoopbackAddress() || a.isAnyLocalAddress() || java.net.NetworkInterface.getByInetAddress(a) != null;
+    } catch (java.io.IOException | RuntimeException e) {
+      return false; // unresolvable here: stream, which says what is wrong
+    }
   }
 
   private void prepare(List<org.apache.arrow.vector.types.pojo.Field> fields) {
